@@ -1,0 +1,488 @@
+"""What each volume plugin request means.
+
+The driver knows nothing about HTTP: the protocol layer decodes a request, calls one
+method here and encodes what it returns; a raised PluginError becomes `{"Err": ...}`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import kernel
+from .errors import InternalError, UserError
+from .volume import NAME_MAX_BYTES, NAME_PATTERN, Metadata, Volume, rfc3339
+
+log = logging.getLogger(__name__)
+
+NO_SUCH_VOLUME = "no such volume"
+OPTIONS = ("base", "volatile")
+_TRUE_WORDS = frozenset({"true", "yes"})
+_FALSE_WORDS = frozenset({"false", "no"})
+# dockerd's mount IDs are 64 hex digits; anything that is one plain file name is accepted.
+MOUNT_ID_PATTERN = NAME_PATTERN
+# Removing a volume detaches mounts stacked on its mountpoint by earlier failures; a
+# bound keeps a mountpoint that refuses to become free from looping forever.
+_MAX_STACKED_MOUNTS = 16
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    mountpoint: str  # empty while the volume is not mounted
+    created_at: str  # empty when unknown
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    clean: list[str]
+    cleaned: list[str]
+    still_mounted: list[str]
+    half_made: list[str]
+
+
+class Driver:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        # Releases (Unmounts) whose record could not be updated, by volume name: they
+        # are retried under the volume's lock before its next Mount or Unmount. Only
+        # the thread holding that volume's lock touches its entry.
+        self._unreleased: dict[str, Counter[str]] = {}
+
+    # --- start-up -----------------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Bring every volume back to a state the invariant allows after an unclean stop.
+
+        Raises InternalError for a volume that can be neither recognised nor cleaned,
+        since serving on top of it could mount the wrong thing.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        report = RecoveryReport([], [], [], [])
+        for volume in self._volumes():
+            if not volume.metadata_path.exists() and self._remove_half_made(volume):
+                report.half_made.append(volume.name)
+                continue
+            try:
+                volume.mountpoint.rmdir()
+            except FileNotFoundError:
+                report.clean.append(volume.name)
+                continue
+            except OSError as error:
+                if error.errno == errno.EBUSY:
+                    report.still_mounted.append(volume.name)
+                    log.info("volume %s is still mounted from the previous run", volume.name)
+                    continue
+                raise InternalError(
+                    f"cannot recover volume {volume.name} (fix or remove {volume.folder})",
+                    error,
+                ) from error
+            # The mountpoint existed but was not mounted: the last run ended without
+            # clean-up (crash or reboot), so its records no longer describe any user.
+            try:
+                with volume.records.lock():
+                    volume.records.clear()
+                    volume.remove_mount_folders()
+            except OSError as error:
+                raise InternalError(f"cannot recover volume {volume.name}", error) from error
+            report.cleaned.append(volume.name)
+            log.info(
+                "volume %s: the previous run ended uncleanly; usage records reset", volume.name
+            )
+        if report.still_mounted:
+            log.warning(
+                "volumes still mounted from the previous run: %s. Containers that stopped while "
+                "the plugin was down never sent their Unmount, so these volumes may stay mounted "
+                "(and a volatile one keeps its changes) until their last user stops or the host "
+                "reboots",
+                ", ".join(report.still_mounted),
+            )
+        return report
+
+    def _remove_half_made(self, volume: Volume) -> bool:
+        """Remove a folder left by a Create that crashed before metadata.json was written.
+
+        Only a folder with nothing of value in it (no changes, no users) is removed.
+        """
+        try:
+            with os.scandir(volume.upper) as changes:
+                if next(changes, None) is not None:
+                    return False
+            if volume.records.folder.exists() and volume.records.in_use():
+                return False
+            if volume.metadata_path.exists():
+                return False
+            volume.destroy()
+        except OSError as error:
+            log.warning("volume folder %s has no metadata.json: %s", volume.folder, error)
+            return False
+        log.warning(
+            "removed %s: a volume creation was interrupted before it finished", volume.folder
+        )
+        return True
+
+    # --- requests -------------------------------------------------------------------
+
+    def capabilities(self) -> str:
+        return "local"
+
+    def create(self, name: str, options: Mapping[str, str]) -> None:
+        volume = self._volume(name)
+        for option in options:
+            if option not in OPTIONS:
+                raise UserError(
+                    f"invalid option {option!r}: the options are 'base' (required) and 'volatile'"
+                )
+        metadata = Metadata(
+            base_dir=self._checked_base(options.get("base")),
+            volatile=_parse_volatile(options.get("volatile", "false")),
+            created_at=rfc3339(time.time()),
+        )
+        try:
+            volume.create(metadata)
+        except FileExistsError:
+            raise UserError("volume already exists") from None
+        except OSError as error:
+            raise InternalError("failed to create the volume's folder", error) from error
+        log.info(
+            "created volume %s on %s (volatile: %s)", name, metadata.base_dir, metadata.volatile
+        )
+
+    def list(self) -> list[VolumeInfo]:
+        return [self._info(volume) for volume in self._volumes()]
+
+    def get(self, name: str) -> VolumeInfo:
+        volume = self._volume(name)
+        if not volume.exists():
+            raise UserError(NO_SUCH_VOLUME)
+        return self._info(volume)
+
+    def path(self, name: str) -> str:
+        volume = self._volume(name)
+        if not volume.exists():
+            raise UserError(NO_SUCH_VOLUME)
+        return _mountpoint_reply(volume)
+
+    def remove(self, name: str) -> None:
+        volume = self._volume(name)
+        self._unreleased.pop(name, None)
+        if not volume.exists():
+            return
+        try:
+            if volume.records.folder.is_dir():
+                with volume.records.lock():
+                    if volume.records.in_use():
+                        log.warning(
+                            "removing volume %s although its records say it is in use (%s)",
+                            name,
+                            ", ".join(volume.records.ids()),
+                        )
+                    self._detach_everything(volume)
+                    volume.destroy()
+            else:
+                self._detach_everything(volume)
+                volume.destroy()
+        except FileNotFoundError:
+            return  # removed meanwhile by another process
+        except OSError as error:
+            raise InternalError("failed to remove the volume's folder", error) from error
+        log.info("removed volume %s", name)
+
+    def mount(self, name: str, mount_id: str) -> str:
+        volume = self._volume(name)
+        _check_mount_id(mount_id)
+        metadata = self._metadata(volume)
+        with self._locked(volume):
+            self._retry_unreleased(volume)
+            mounted_here = False
+            first_user = not volume.records.in_use()
+            if first_user or not kernel.is_mount_point(volume.mountpoint):
+                if not first_user:
+                    log.warning(
+                        "volume %s has usage records but no overlay mounted; mounting it again",
+                        name,
+                    )
+                self._mount_overlay(volume, metadata, discard_changes=first_user)
+                mounted_here = True
+            try:
+                count = self._usage_count(volume, mount_id) or 0
+                volume.records.set(mount_id, count + 1)
+            except OSError as error:
+                # No record may exist without a mount, nor a mount we made without a record.
+                if mounted_here:
+                    self._unmount_overlay(volume)
+                raise InternalError("failed to record the mount", error) from error
+        log.debug("mounted volume %s for %s", name, mount_id)
+        return _mountpoint_reply(volume)
+
+    def unmount(self, name: str, mount_id: str) -> None:
+        volume = self._volume(name)
+        _check_mount_id(mount_id)
+        with self._locked(volume):
+            self._retry_unreleased(volume)
+            try:
+                now_unused = self._release(volume, mount_id)
+            except OSError as error:
+                self._unreleased.setdefault(name, Counter())[mount_id] += 1
+                raise InternalError(
+                    "failed to update the volume's usage records; it stays mounted", error
+                ) from error
+            if now_unused:
+                self._unmount_overlay(volume)
+        log.debug("unmounted volume %s for %s", name, mount_id)
+
+    def _release(self, volume: Volume, mount_id: str) -> bool:
+        """Count one use of `mount_id` less; True when the volume has no user left."""
+        count = self._usage_count(volume, mount_id)
+        if count is None:
+            log.warning(
+                "volume %s has no record for mount ID %s; treating it as used once",
+                volume.name,
+                mount_id,
+            )
+            count = 1
+        if count > 1:
+            volume.records.set(mount_id, count - 1)
+            return False
+        # The record goes first: if unmounting fails, a stray mount remains, never a
+        # record without a user.
+        volume.records.remove(mount_id)
+        return not volume.records.in_use()
+
+    def _retry_unreleased(self, volume: Volume) -> None:
+        """Apply releases that failed earlier (for example on an immutable record).
+
+        Until they are applied the records claim users that are gone: mounting then
+        would hand out a volume a volatile volume never discarded, so it is refused.
+        """
+        pending = self._unreleased.get(volume.name)
+        if not pending:
+            return
+        for mount_id in list(pending):
+            while pending[mount_id] > 0:
+                try:
+                    self._release(volume, mount_id)
+                except OSError as error:
+                    raise InternalError(
+                        f"the usage record of mount ID {mount_id} could not be released when "
+                        "its container stopped and still cannot be",
+                        error,
+                    ) from error
+                pending[mount_id] -= 1
+            del pending[mount_id]
+        del self._unreleased[volume.name]
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _volume(self, name: object) -> Volume:
+        if not isinstance(name, str) or not name:
+            raise UserError("volume name must be a non-empty string")
+        if not NAME_PATTERN.fullmatch(name):
+            if "/" in name:
+                raise UserError(
+                    "volume name cannot contain slashes "
+                    "(for specifying host path use `-o base=/path/to/base/directory`)"
+                )
+            raise UserError(
+                "volume name contains illegal characters: "
+                'it should comply to "[a-zA-Z0-9][a-zA-Z0-9_.-]*"'
+            )
+        if len(os.fsencode(name)) > NAME_MAX_BYTES:
+            raise UserError(f"volume name is too long (at most {NAME_MAX_BYTES} bytes)")
+        return Volume(self.root, name)
+
+    def _volumes(self) -> Iterator[Volume]:
+        try:
+            entries = sorted(os.scandir(self.root), key=lambda entry: entry.name)
+        except OSError as error:
+            raise InternalError("failed to list the state root", error) from error
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and NAME_PATTERN.fullmatch(entry.name):
+                yield Volume(self.root, entry.name)
+
+    def _info(self, volume: Volume) -> VolumeInfo:
+        """What Get and List say of a volume: only what is on disk, and never a failure.
+
+        dockerd forgets a volume whose Get fails, so a passing problem only leaves
+        fields empty.
+        """
+        created_at = ""
+        in_use = False
+        try:
+            created_at = volume.created_at(volume.read_metadata())
+        except (OSError, ValueError) as error:
+            log.warning("volume %s: cannot read its metadata: %s", volume.name, error)
+        try:
+            in_use = volume.records.in_use()
+        except OSError as error:
+            log.warning("volume %s: cannot read its usage records: %s", volume.name, error)
+        return VolumeInfo(
+            name=volume.name,
+            mountpoint=_mountpoint_reply(volume) if in_use else "",
+            created_at=created_at,
+        )
+
+    def _metadata(self, volume: Volume) -> Metadata:
+        try:
+            return volume.read_metadata()
+        except FileNotFoundError:
+            raise UserError(NO_SUCH_VOLUME) from None
+        except (OSError, ValueError) as error:
+            raise InternalError("failed to read the volume's metadata", error) from error
+
+    @contextmanager
+    def _locked(self, volume: Volume) -> Iterator[None]:
+        lock = volume.records.lock()
+        try:
+            lock.__enter__()
+        except FileNotFoundError:
+            raise UserError(NO_SUCH_VOLUME) from None
+        except OSError as error:
+            raise InternalError("failed to lock the volume's activemounts/", error) from error
+        try:
+            yield
+        finally:
+            lock.__exit__()
+
+    @staticmethod
+    def _usage_count(volume: Volume, mount_id: str) -> int | None:
+        try:
+            return volume.records.count(mount_id)
+        except ValueError as error:
+            # Counting too high only leaves a mount behind; counting too low would
+            # unmount under a running container.
+            log.warning("volume %s: %s; counting it as one use", volume.name, error)
+            return 1
+
+    def _checked_base(self, base: str | None) -> str:
+        if base is None:
+            raise UserError(
+                "`base` option must be provided and set to an absolute path to the base "
+                "directory on host"
+            )
+        if not base.startswith("/"):
+            raise UserError("`base` must be an absolute path")
+        if kernel.UNSAFE_OPTION_CHARACTERS & set(base):
+            raise UserError("directories with commas and/or colons in the path are not supported")
+        try:
+            is_directory = stat.S_ISDIR(os.stat(base).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            raise UserError("the base directory does not exist") from None
+        except OSError as error:
+            raise UserError(f"the specified base directory is inaccessible: {error}") from None
+        if not is_directory:
+            raise UserError(f"the base {base} is not a directory")
+        real_base = Path(os.path.realpath(base))
+        real_root = Path(os.path.realpath(self.root))
+        if real_base == real_root or real_root in real_base.parents:
+            raise UserError("the base directory must not be inside the plugin's state root")
+        if real_base in real_root.parents:
+            raise UserError(
+                f"the base directory contains the plugin's state root {self.root}, "
+                "and overlayfs refuses layers inside one another"
+            )
+        return base
+
+    def _mount_overlay(self, volume: Volume, metadata: Metadata, *, discard_changes: bool) -> None:
+        if kernel.is_mount_point(volume.mountpoint):
+            log.warning(
+                "volume %s: a stray overlay with no user is mounted; detaching it", volume.name
+            )
+            try:
+                kernel.unmount(volume.mountpoint, flags=kernel.MNT_DETACH)
+            except OSError as error:
+                raise InternalError("failed to detach a stray overlay", error) from error
+        try:
+            created = volume.make_mount_folders()
+        except OSError as error:
+            raise InternalError("failed to prepare the mount folders", error) from error
+        try:
+            if discard_changes and metadata.volatile:
+                volume.discard_changes()
+            kernel.mount_overlay(
+                source=f"docker-on-top_{volume.name}",
+                lower=Path(metadata.base_dir),
+                upper=volume.upper,
+                work=volume.workdir,
+                target=volume.mountpoint,
+                volatile=metadata.volatile,
+            )
+        except (OSError, ValueError) as error:
+            _remove_quietly(volume, created)
+            if isinstance(error, OSError) and error.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise UserError(
+                    "failed to mount volume: something is missing (does the base directory "
+                    f"{metadata.base_dir} exist?)"
+                ) from error
+            raise InternalError("failed to mount overlay", error) from error
+
+    def _unmount_overlay(self, volume: Volume) -> None:
+        if kernel.is_mount_point(volume.mountpoint):
+            try:
+                kernel.unmount(volume.mountpoint)
+            except OSError as error:
+                if error.errno != errno.EBUSY:
+                    raise InternalError("failed to unmount the overlay", error) from error
+                # Something outside the containers holds a file open on it. No user is
+                # left, so detach it: the next mount must not find it in the way.
+                log.warning(
+                    "volume %s is busy outside any container; detaching its overlay lazily",
+                    volume.name,
+                )
+                try:
+                    kernel.unmount(volume.mountpoint, flags=kernel.MNT_DETACH)
+                except OSError as detach_error:
+                    raise InternalError("failed to unmount the overlay", detach_error) from error
+        else:
+            log.warning("volume %s: its overlay was not mounted at unmount", volume.name)
+        try:
+            volume.remove_mount_folders()
+        except OSError as error:
+            raise InternalError("failed to clean up after unmount", error) from error
+
+    @staticmethod
+    def _detach_everything(volume: Volume) -> None:
+        for _ in range(_MAX_STACKED_MOUNTS):
+            if not kernel.is_mount_point(volume.mountpoint):
+                return
+            log.warning("volume %s: its mountpoint is still mounted; detaching it", volume.name)
+            kernel.unmount(volume.mountpoint, flags=kernel.MNT_FORCE | kernel.MNT_DETACH)
+        raise OSError(errno.EBUSY, "mountpoint stays mounted", str(volume.mountpoint))
+
+
+def _remove_quietly(volume: Volume, folders: list[Path]) -> None:
+    try:
+        volume.remove_folders(folders)
+    except OSError as error:
+        log.warning("volume %s: cannot remove %s: %s", volume.name, folders, error)
+
+
+def _mountpoint_reply(volume: Volume) -> str:
+    # The Go plugin answers with a trailing slash; kept for byte-identical replies.
+    return f"{volume.mountpoint}/"
+
+
+def _check_mount_id(mount_id: object) -> None:
+    if not isinstance(mount_id, str) or not mount_id:
+        raise UserError("mount ID must be a non-empty string")
+    if not MOUNT_ID_PATTERN.fullmatch(mount_id) or len(os.fsencode(mount_id)) > NAME_MAX_BYTES:
+        raise UserError(
+            "invalid mount ID: it must be one file name of letters, digits, '_', '.' and '-'"
+        )
+
+
+def _parse_volatile(value: str) -> bool:
+    word = value.lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise UserError("option `volatile` must be either 'true', 'false', 'yes', or 'no'")

@@ -1,0 +1,18 @@
+"""The two kinds of failure a caller can get back."""
+
+
+class PluginError(Exception):
+    """Any failure that is reported to the caller as `{"Err": str(error)}`."""
+
+
+class UserError(PluginError):
+    """The request itself was wrong: bad name, bad option, missing volume."""
+
+
+class InternalError(PluginError):
+    """Something failed inside the plugin; the message says it is not the user's fault."""
+
+    def __init__(self, what: str, cause: BaseException | str) -> None:
+        super().__init__(f"docker-on-top internal error: {what}: {cause}")
+        self.what = what
+        self.cause = cause

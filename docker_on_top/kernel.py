@@ -1,0 +1,107 @@
+"""The kernel interface: overlay mount and unmount through the syscalls, and flock.
+
+Nothing here knows about volumes; callers pass plain paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+from pathlib import Path
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+MNT_FORCE = 1
+MNT_DETACH = 2
+
+# Overlay features that forbid changing the lower directory between mounts once used
+# (Documentation/filesystems/overlayfs.rst, "Changes to underlying filesystems").
+# Distribution kernels may enable them by default, so they are pinned off: the base
+# may then change while the volume is not mounted.
+_PINNED_OFF = "index=off,metacopy=off,redirect_dir=off,xino=off"
+
+# Characters that would split or re-interpret the legacy overlay option string.
+UNSAFE_OPTION_CHARACTERS = frozenset(",:")
+
+
+def _raise_errno(call: str, path: Path) -> None:
+    code = ctypes.get_errno()
+    raise OSError(code, f"{call}: {os.strerror(code)}", str(path))
+
+
+def overlay_options(*, lower: Path, upper: Path, work: Path, volatile: bool) -> str:
+    """The option string of an overlay mount; `volatile` skips every sync to disk."""
+    for path in (lower, upper, work):
+        if UNSAFE_OPTION_CHARACTERS & set(str(path)):
+            raise ValueError(f"path {path} contains ',' or ':' and cannot be an overlay option")
+    options = f"lowerdir={lower},upperdir={upper},workdir={work},{_PINNED_OFF}"
+    return options + ",volatile" if volatile else options
+
+
+def mount_overlay(
+    *, source: str, lower: Path, upper: Path, work: Path, target: Path, volatile: bool
+) -> None:
+    options = overlay_options(lower=lower, upper=upper, work=work, volatile=volatile)
+    if (
+        _libc.mount(
+            os.fsencode(source),
+            os.fsencode(target),
+            b"overlay",
+            0,
+            os.fsencode(options),
+        )
+        != 0
+    ):
+        _raise_errno("mount", target)
+
+
+def unmount(target: Path, *, flags: int = 0) -> None:
+    if _libc.umount2(os.fsencode(target), flags) != 0:
+        _raise_errno("umount2", target)
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether something is mounted on `path` (its device differs from its parent's).
+
+    False when `path` does not exist.
+    """
+    try:
+        own = os.stat(path).st_dev
+    except FileNotFoundError:
+        return False
+    return own != os.stat(path.parent).st_dev
+
+
+class DirectoryLock:
+    """An exclusive flock on a directory, held inside a `with` block.
+
+    flock locks belong to the open file description, so this serialises threads of
+    this process as well as other processes (the Go plugin, our command line).
+    Entering raises OSError when the directory cannot be opened.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)
+        self._fd = -1

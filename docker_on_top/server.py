@@ -1,0 +1,429 @@
+"""The protocol layer: Docker's volume plugin protocol, HTTP/1.1 on a unix socket.
+
+It decodes each request, calls the driver, and encodes the reply; it knows nothing
+about storage. Every failure is HTTP 500 with `{"Err": ...}` (Podman looks only at
+the status code). A small HTTP reader of our own keeps the per-request cost low and
+caps what a client can make us buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from .errors import InternalError, PluginError, UserError
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = b"application/vnd.docker.plugins.v1.1+json"
+MAX_BODY_BYTES = 1 << 20
+MAX_LINE_BYTES = 8192
+MAX_HEADERS = 100
+MAX_CONNECTIONS = 512
+# A client that stops sending in the middle of a request is dropped after this long.
+REQUEST_TIMEOUT_S = 30.0
+# dockerd keeps idle keep-alive connections without limit and a POST is not retried on
+# a connection we close under it, so idle connections are kept long.
+IDLE_TIMEOUT_S = 3600.0
+
+
+class Mountable(Protocol):
+    """The volume information the protocol layer encodes."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def mountpoint(self) -> str: ...
+    @property
+    def created_at(self) -> str: ...
+
+
+class VolumeDriver(Protocol):
+    """What the protocol layer needs of a driver (see driver.Driver)."""
+
+    def capabilities(self) -> str: ...
+    def create(self, name: str, options: Mapping[str, str]) -> None: ...
+    def get(self, name: str) -> Mountable: ...
+    def remove(self, name: str) -> None: ...
+    def path(self, name: str) -> str: ...
+    def mount(self, name: str, mount_id: str) -> str: ...
+    def unmount(self, name: str, mount_id: str) -> None: ...
+    def list(self) -> Sequence[Mountable]: ...
+
+
+class BadRequest(Exception):
+    """The bytes on the connection are not an HTTP request we can answer on it."""
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    body: bytes
+    keep_alive: bool
+
+
+def _volume_json(volume: Mountable) -> dict[str, object]:
+    document: dict[str, object] = {"Name": volume.name}
+    if volume.mountpoint:
+        document["Mountpoint"] = volume.mountpoint
+    if volume.created_at:
+        document["CreatedAt"] = volume.created_at
+    return document
+
+
+def _string_field(body: Mapping[str, object], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str):
+        raise UserError(f"invalid request: {key} must be a string")
+    return value
+
+
+def _options_field(body: Mapping[str, object]) -> dict[str, str]:
+    options = body.get("Opts")
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
+        raise UserError("invalid request: Opts must be an object of string values")
+    return options
+
+
+Handler = Callable[[Mapping[str, object]], dict[str, object]]
+
+
+def build_routes(driver: VolumeDriver) -> dict[str, Handler]:
+    def create(body: Mapping[str, object]) -> dict[str, object]:
+        driver.create(_string_field(body, "Name"), _options_field(body))
+        return {}
+
+    def remove(body: Mapping[str, object]) -> dict[str, object]:
+        driver.remove(_string_field(body, "Name"))
+        return {}
+
+    def unmount(body: Mapping[str, object]) -> dict[str, object]:
+        driver.unmount(_string_field(body, "Name"), _string_field(body, "ID"))
+        return {}
+
+    return {
+        "/Plugin.Activate": lambda _: {"Implements": ["VolumeDriver"]},
+        "/VolumeDriver.Capabilities": lambda _: {"Capabilities": {"Scope": driver.capabilities()}},
+        "/VolumeDriver.Create": create,
+        "/VolumeDriver.List": lambda _: {"Volumes": [_volume_json(v) for v in driver.list()]},
+        "/VolumeDriver.Get": lambda body: {
+            "Volume": _volume_json(driver.get(_string_field(body, "Name")))
+        },
+        "/VolumeDriver.Remove": remove,
+        "/VolumeDriver.Path": lambda body: {"Mountpoint": driver.path(_string_field(body, "Name"))},
+        "/VolumeDriver.Mount": lambda body: {
+            "Mountpoint": driver.mount(_string_field(body, "Name"), _string_field(body, "ID"))
+        },
+        "/VolumeDriver.Unmount": unmount,
+    }
+
+
+# Requests that dockerd may send with an empty body.
+_EMPTY_BODY_OK = frozenset({"/Plugin.Activate", "/VolumeDriver.Capabilities", "/VolumeDriver.List"})
+
+
+def read_request(stream: BinaryIO) -> Request | None:
+    """Read one request; None at a clean end of stream before any byte of it."""
+    line = stream.readline(MAX_LINE_BYTES + 1)
+    if not line:
+        return None
+    if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
+        raise BadRequest("request line too long or cut short")
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest("malformed request line")
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADERS + 1):
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
+            raise BadRequest("header line too long or cut short")
+        if line in (b"\r\n", b"\n"):
+            break
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon:
+            raise BadRequest("malformed header line")
+        headers[name.strip().lower()] = value.strip()
+    else:
+        raise BadRequest("too many header lines")
+    connection = headers.get("connection", "").lower()
+    keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = _read_chunked(stream)
+    else:
+        body = _read_sized(stream, headers.get("content-length", "0"))
+    return Request(method=method, path=target.split("?", 1)[0], body=body, keep_alive=keep_alive)
+
+
+def _read_sized(stream: BinaryIO, length_text: str) -> bytes:
+    try:
+        length = int(length_text)
+    except ValueError:
+        raise BadRequest(f"invalid Content-Length {length_text!r}") from None
+    if length < 0:
+        raise BadRequest("negative Content-Length")
+    if length > MAX_BODY_BYTES:
+        raise BadRequest(f"request body of {length} bytes is over the {MAX_BODY_BYTES} limit")
+    body = stream.read(length)
+    if len(body) != length:
+        raise BadRequest("request body cut short")
+    return body
+
+
+def _read_chunked(stream: BinaryIO) -> bytes:
+    body = bytearray()
+    while True:
+        size_line = stream.readline(MAX_LINE_BYTES + 1)
+        if not size_line.endswith(b"\n"):
+            raise BadRequest("chunk size line too long or cut short")
+        try:
+            size = int(size_line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise BadRequest("invalid chunk size") from None
+        if size < 0 or len(body) + size > MAX_BODY_BYTES:
+            raise BadRequest(f"request body is over the {MAX_BODY_BYTES} limit")
+        if size == 0:
+            break
+        chunk = stream.read(size)
+        if len(chunk) != size or stream.readline(3) not in (b"\r\n", b"\n"):
+            raise BadRequest("chunk cut short")
+        body += chunk
+    while stream.readline(MAX_LINE_BYTES + 1) not in (b"\r\n", b"\n", b""):
+        pass  # trailers are not used by the protocol
+    return bytes(body)
+
+
+def encode_response(status: int, document: Mapping[str, object], *, keep_alive: bool) -> bytes:
+    body = json.dumps(document).encode()
+    reason = b"OK" if status == 200 else b"Internal Server Error"
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+        status,
+        reason,
+        CONTENT_TYPE,
+        len(body),
+    )
+    if not keep_alive:
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" + body
+
+
+@dataclass
+class _Connections:
+    """Open client connections, and which are between requests (safe to close)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    idle: set[socket.socket] = field(default_factory=set)
+    threads: set[threading.Thread] = field(default_factory=set)
+    stopping: bool = False
+
+
+class PluginServer:
+    def __init__(self, driver: VolumeDriver, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._routes = build_routes(driver)
+        self._connections = _Connections()
+        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._listener: socket.socket | None = None
+        self._socket_inode = 0
+
+    # --- handling one request (no I/O of its own: usable without a socket) ---------
+
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, object]]:
+        log.debug("request %s %s", path, body[:2048].decode("utf-8", "replace"))
+        try:
+            route = self._routes.get(path)
+            if route is None:
+                raise UserError(f"unknown endpoint {path}")
+            if method != "POST":
+                raise UserError(f"{path} takes POST, not {method}")
+            return 200, route(self._decode(path, body))
+        except UserError as error:
+            log.info("%s refused: %s", path, error)
+            return 500, {"Err": str(error)}
+        except PluginError as error:
+            log.error("%s failed: %s", path, error)
+            return 500, {"Err": str(error)}
+        except Exception as error:
+            log.exception("%s failed unexpectedly", path)
+            return 500, {"Err": str(InternalError("unexpected failure", error))}
+
+    @staticmethod
+    def _decode(path: str, body: bytes) -> Mapping[str, object]:
+        if not body.strip():
+            if path in _EMPTY_BODY_OK:
+                return {}
+            raise UserError(f"invalid request: {path} needs a JSON body")
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise UserError(f"invalid request: the body is not JSON ({error})") from None
+        if document is None and path in _EMPTY_BODY_OK:
+            return {}
+        if not isinstance(document, dict):
+            raise UserError("invalid request: the body must be a JSON object")
+        return document
+
+    # --- the socket ----------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Create the listening socket, replacing a stale socket file left by a crash."""
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(mode):
+                raise StartupError(f"{path} exists and is not a socket; move it away first")
+            if _socket_answers(path):
+                raise StartupError(
+                    f"another plugin instance is already serving on {path}; stop it first, "
+                    "or give this one another --name or --socket"
+                )
+            log.warning("replacing the stale socket %s left by an earlier run", path)
+            path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(path))
+            os.chmod(path, 0o660)
+            if os.geteuid() == 0:
+                os.chown(path, 0, 0)
+            listener.listen(128)
+        except OSError:
+            listener.close()
+            raise
+        self._socket_inode = path.stat().st_ino
+        self._listener = listener
+
+    def request_stop(self) -> None:
+        """Ask `serve` to stop; safe from a signal handler and from any thread."""
+        with suppress(BlockingIOError):  # a wake-up is already pending
+            os.write(self._wake_write, b"x")
+
+    def serve(self) -> None:
+        """Serve until `request_stop`; then finish the requests in flight and return."""
+        assert self._listener is not None, "bind() first"
+        listener = self._listener
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ)
+        selector.register(self._wake_read, selectors.EVENT_READ)
+        try:
+            while True:
+                events = selector.select()
+                if any(key.fileobj == self._wake_read for key, _ in events):
+                    break
+                self._accept(listener)
+        finally:
+            selector.close()
+            self._shut_down(listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            connection, _ = listener.accept()
+        except OSError as error:
+            log.warning("accept failed: %s", error)
+            return
+        with self._connections.lock:
+            if len(self._connections.threads) >= MAX_CONNECTIONS:
+                log.warning("too many connections (%d); refusing one", MAX_CONNECTIONS)
+                connection.close()
+                return
+            thread = threading.Thread(
+                target=self._serve_connection, args=(connection,), name="connection"
+            )
+            self._connections.threads.add(thread)
+            self._connections.idle.add(connection)
+        thread.start()
+
+    def _serve_connection(self, connection: socket.socket) -> None:
+        connections = self._connections
+        stream = connection.makefile("rb")
+        try:
+            while True:
+                connection.settimeout(IDLE_TIMEOUT_S)
+                first = stream.peek(1) if hasattr(stream, "peek") else b"x"
+                if not first:
+                    return
+                connection.settimeout(REQUEST_TIMEOUT_S)
+                try:
+                    request = read_request(stream)
+                except BadRequest as error:
+                    log.info("bad request on the socket: %s", error)
+                    connection.sendall(
+                        encode_response(500, {"Err": f"bad request: {error}"}, keep_alive=False)
+                    )
+                    return
+                if request is None:
+                    return
+                with connections.lock:
+                    if connections.stopping:
+                        return
+                    connections.idle.discard(connection)
+                status, document = self.handle(request.method, request.path, request.body)
+                connection.sendall(encode_response(status, document, keep_alive=request.keep_alive))
+                with connections.lock:
+                    if connections.stopping or not request.keep_alive:
+                        return
+                    connections.idle.add(connection)
+        except (OSError, ValueError) as error:
+            log.debug("connection closed: %s", error)
+        finally:
+            with connections.lock:
+                connections.idle.discard(connection)
+                connections.threads.discard(threading.current_thread())
+            stream.close()
+            connection.close()
+
+    def _shut_down(self, listener: socket.socket) -> None:
+        listener.close()
+        self._remove_own_socket()
+        with self._connections.lock:
+            self._connections.stopping = True
+            for connection in self._connections.idle:
+                # Wakes the thread blocked waiting for a next request on it.
+                connection.shutdown(socket.SHUT_RDWR)
+            busy = list(self._connections.threads)
+        if busy:
+            log.info("finishing %d connection(s) in flight", len(busy))
+        for thread in busy:
+            thread.join()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _remove_own_socket(self) -> None:
+        # A second instance may have replaced our socket file meanwhile; leave theirs alone.
+        try:
+            if self.socket_path.stat().st_ino == self._socket_inode:
+                self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _socket_answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

@@ -1,0 +1,245 @@
+"""One volume's folder under the state root: its paths, metadata and usage records.
+
+Layout (shared with docker-on-top v0.1.2, so either plugin can run on the same root):
+
+    <root>/<name>/metadata.json     {"BaseDirPath": ..., "Volatile": ...}, always present
+    <root>/<name>/activemounts/<ID> {"UsageCount": N}, one file per mount ID in use
+    <root>/<name>/upper/            the overlay upperdir: the volume's changes
+    <root>/<name>/workdir/          the overlay workdir, only while mounted
+    <root>/<name>/mountpoint/       where the overlay is mounted, only while mounted
+
+The invariant everything else follows: a record in `activemounts/` guarantees a user
+and a mounted overlay; a mounted overlay on its own guarantees nothing. So a record is
+written only after the overlay is mounted and removed before it is unmounted: a crash
+between the two steps leaves a harmless stray mount, never a record that lies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from . import kernel
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+NAME_MAX_BYTES = 255  # NAME_MAX: a volume name and a mount ID each become one file name
+
+
+@dataclass(frozen=True)
+class Metadata:
+    base_dir: str
+    volatile: bool
+    # Absent in volumes created by the Go plugin.
+    created_at: str | None = None
+
+    def to_json(self) -> bytes:
+        document: dict[str, object] = {"BaseDirPath": self.base_dir, "Volatile": self.volatile}
+        if self.created_at is not None:
+            document["CreatedAt"] = self.created_at
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Metadata:
+        """Parse metadata.json; unknown keys are ignored so newer fields stay compatible."""
+        document = json.loads(raw)
+        if not isinstance(document, dict):
+            raise ValueError("metadata.json is not a JSON object")
+        base_dir = document.get("BaseDirPath")
+        volatile = document.get("Volatile", False)
+        created_at = document.get("CreatedAt")
+        if not isinstance(base_dir, str) or not base_dir:
+            raise ValueError("metadata.json has no BaseDirPath string")
+        if not isinstance(volatile, bool):
+            raise ValueError("metadata.json has a Volatile that is not a boolean")
+        if created_at is not None and not isinstance(created_at, str):
+            raise ValueError("metadata.json has a CreatedAt that is not a string")
+        return cls(base_dir=base_dir, volatile=volatile, created_at=created_at)
+
+
+def write_atomically(path: Path, data: bytes, staging: Path, *, durable: bool) -> None:
+    """Replace `path` with `data` so a crash leaves the old or the new content, never a mix.
+
+    `staging` must be on the same filesystem and have a single writer at a time.
+    With `durable`, the data and the rename are also forced to disk.
+    """
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(staging, path)
+    except OSError:
+        staging.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rfc3339(timestamp: float) -> str:
+    return (
+        datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
+
+
+class UsageRecords:
+    """The `activemounts/` folder: which mount IDs use the volume, and how often.
+
+    Every method but `lock` must be called while holding `lock()`.
+    """
+
+    def __init__(self, folder: Path, staging: Path) -> None:
+        self.folder = folder
+        self._staging = staging
+
+    def lock(self) -> kernel.DirectoryLock:
+        return kernel.DirectoryLock(self.folder)
+
+    def in_use(self) -> bool:
+        with os.scandir(self.folder) as entries:
+            return next(entries, None) is not None
+
+    def ids(self) -> list[str]:
+        return sorted(entry.name for entry in os.scandir(self.folder))
+
+    def count(self, mount_id: str) -> int | None:
+        """The usage count of `mount_id`; None when it has no record.
+
+        Raises ValueError for a record whose content is not `{"UsageCount": N}`, N >= 1.
+        """
+        try:
+            raw = (self.folder / mount_id).read_bytes()
+        except FileNotFoundError:
+            return None
+        document = json.loads(raw)
+        count = document.get("UsageCount") if isinstance(document, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"record {mount_id} holds {raw[:100]!r}, not a usage count")
+        return count
+
+    def set(self, mount_id: str, count: int) -> None:
+        # No fsync: after a crash or reboot, start-up recovery throws the records away
+        # unless the overlay is still mounted, so only the atomic rename matters.
+        write_atomically(
+            self.folder / mount_id,
+            json.dumps({"UsageCount": count}, separators=(",", ":")).encode(),
+            self._staging,
+            durable=False,
+        )
+
+    def remove(self, mount_id: str) -> None:
+        (self.folder / mount_id).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        for entry in os.scandir(self.folder):
+            os.unlink(entry.path)
+
+
+class Volume:
+    def __init__(self, root: Path, name: str) -> None:
+        if not NAME_PATTERN.fullmatch(name) or len(os.fsencode(name)) > NAME_MAX_BYTES:
+            raise ValueError(f"invalid volume name {name!r}")
+        self.name = name
+        self.folder = root / name
+        self.metadata_path = self.folder / "metadata.json"
+        self.upper = self.folder / "upper"
+        self.workdir = self.folder / "workdir"
+        self.mountpoint = self.folder / "mountpoint"
+        self.records = UsageRecords(self.folder / "activemounts", self.folder / ".activemount.tmp")
+
+    def exists(self) -> bool:
+        return self.folder.is_dir()
+
+    def read_metadata(self) -> Metadata:
+        return Metadata.from_json(self.metadata_path.read_bytes())
+
+    def created_at(self, metadata: Metadata) -> str:
+        """When the volume was made; for Go-made volumes, when metadata.json was written."""
+        if metadata.created_at is not None:
+            return metadata.created_at
+        return rfc3339(self.metadata_path.stat().st_mtime)
+
+    def create(self, metadata: Metadata) -> None:
+        """Make the folder tree, then metadata.json; on failure remove what was made.
+
+        Raises FileExistsError, untouched, when the volume exists already.
+        """
+        self.folder.mkdir()
+        try:
+            self.upper.mkdir()
+            self.records.folder.mkdir()
+            write_atomically(
+                self.metadata_path,
+                metadata.to_json(),
+                self.folder / ".metadata.json.tmp",
+                durable=True,
+            )
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        fsync_directory(self.folder.parent)
+
+    def destroy(self) -> None:
+        shutil.rmtree(self.folder)
+
+    def make_mount_folders(self) -> list[Path]:
+        """Create `mountpoint/` and an empty `workdir/`; returns the folders this call made.
+
+        A leftover mountpoint is reused. A leftover workdir is emptied: it holds only the
+        kernel's scratch files, and those of a volatile overlay make the next mount fail.
+        """
+        created: list[Path] = []
+        try:
+            try:
+                self.mountpoint.mkdir()
+                created.append(self.mountpoint)
+            except FileExistsError:
+                log.warning("volume %s: reusing the leftover %s", self.name, self.mountpoint)
+            try:
+                self.workdir.mkdir()
+            except FileExistsError:
+                log.warning("volume %s: emptying the leftover %s", self.name, self.workdir)
+                shutil.rmtree(self.workdir)
+                self.workdir.mkdir()
+            created.append(self.workdir)
+        except OSError:
+            self.remove_folders(created)
+            raise
+        return created
+
+    def remove_folders(self, folders: list[Path]) -> None:
+        for folder in folders:
+            if folder == self.workdir:
+                shutil.rmtree(folder)
+            else:
+                folder.rmdir()
+
+    def remove_mount_folders(self) -> None:
+        with suppress(FileNotFoundError):
+            self.mountpoint.rmdir()
+        with suppress(FileNotFoundError):
+            shutil.rmtree(self.workdir)
+
+    def discard_changes(self) -> None:
+        with suppress(FileNotFoundError):
+            shutil.rmtree(self.upper)
+        self.upper.mkdir()

@@ -1,0 +1,478 @@
+"""What each request means (SPEC A3, A4, B1, B4), on a temporary root with real overlays."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from docker_on_top.driver import Driver
+from docker_on_top.errors import InternalError, UserError
+
+from ..mounts import mounts_under
+
+ID_A = "a" * 64
+ID_B = "b" * 64
+
+
+def make_volume(driver: Driver, base: Path, name: str = "v", *, volatile: bool = False) -> Path:
+    driver.create(name, {"base": str(base), "volatile": "true" if volatile else "false"})
+    return driver.root / name
+
+
+def mounted(folder: Path) -> bool:
+    return [fs for _, fs in mounts_under(folder / "mountpoint")] == ["overlay"]
+
+
+def records(folder: Path) -> dict[str, int]:
+    return {
+        record.name: json.loads(record.read_text())["UsageCount"]
+        for record in (folder / "activemounts").iterdir()
+    }
+
+
+@contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    subprocess.run(["chattr", "+i", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+# --- Create ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["_x", "a*b", "", ".", "..", "-a", "a b", "é"])
+def test_create_refuses_an_invalid_name(driver: Driver, base: Path, name: str) -> None:
+    with pytest.raises(UserError, match="volume name"):
+        driver.create(name, {"base": str(base)})
+    assert list(driver.root.iterdir()) == []
+
+
+def test_create_refuses_a_name_with_a_slash_pointing_at_base(driver: Driver, base: Path) -> None:
+    with pytest.raises(UserError, match="-o base="):
+        driver.create("a/b", {"base": str(base)})
+
+
+def test_create_refuses_a_name_too_long_for_a_file(driver: Driver, base: Path) -> None:
+    with pytest.raises(UserError, match="too long"):
+        driver.create("x" * 256, {"base": str(base)})
+
+
+def test_create_names_an_unknown_option(driver: Driver, base: Path) -> None:
+    with pytest.raises(UserError, match="'size'"):
+        driver.create("v", {"base": str(base), "size": "1G"})
+
+
+def test_create_requires_base(driver: Driver) -> None:
+    with pytest.raises(UserError, match="`base` option must be provided"):
+        driver.create("v", {})
+
+
+@pytest.mark.parametrize("bad_base", ["\\", "a/b", "relative", ""])
+def test_create_requires_an_absolute_base(driver: Driver, bad_base: str) -> None:
+    with pytest.raises(UserError, match="absolute"):
+        driver.create("v", {"base": bad_base})
+
+
+def test_create_refuses_a_missing_base(driver: Driver, workspace: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        driver.create("v", {"base": str(workspace / "missing")})
+
+
+def test_create_refuses_a_base_that_is_a_file(driver: Driver, base: Path) -> None:
+    with pytest.raises(UserError, match="not a directory"):
+        driver.create("v", {"base": str(base / "a")})
+
+
+@pytest.mark.parametrize("separator", [",", ":"])
+def test_create_refuses_a_base_with_overlay_separators(
+    driver: Driver, workspace: Path, separator: str
+) -> None:
+    odd = workspace / f"odd{separator}dir"
+    odd.mkdir()
+    with pytest.raises(UserError, match="commas and/or colons"):
+        driver.create("v", {"base": str(odd)})
+
+
+def test_create_refuses_a_base_inside_the_state_root(driver: Driver) -> None:
+    (driver.root / "elsewhere").mkdir()
+    with pytest.raises(UserError, match="inside the plugin's state root"):
+        driver.create("v", {"base": str(driver.root / "elsewhere")})
+
+
+def test_create_refuses_a_base_that_holds_the_state_root(driver: Driver, workspace: Path) -> None:
+    with pytest.raises(UserError, match="contains the plugin's state root"):
+        driver.create("v", {"base": str(workspace)})
+
+
+@pytest.mark.parametrize(
+    ("word", "volatile"),
+    [("true", True), ("YES", True), ("False", False), ("no", False)],
+)
+def test_create_reads_volatile_words(driver: Driver, base: Path, word: str, volatile: bool) -> None:
+    driver.create("v", {"base": str(base), "volatile": word})
+    document = json.loads((driver.root / "v" / "metadata.json").read_text())
+    assert document["BaseDirPath"] == str(base)
+    assert document["Volatile"] is volatile
+
+
+def test_create_refuses_another_volatile_word(driver: Driver, base: Path) -> None:
+    with pytest.raises(UserError, match="'true', 'false', 'yes', or 'no'"):
+        driver.create("v", {"base": str(base), "volatile": "maybe"})
+    assert not (driver.root / "v").exists()
+
+
+def test_create_of_an_existing_volume_is_refused(driver: Driver, base: Path) -> None:
+    make_volume(driver, base)
+    with pytest.raises(UserError, match="volume already exists"):
+        make_volume(driver, base)
+
+
+# --- Get, List, Path -----------------------------------------------------------------
+
+
+def test_get_of_a_missing_volume_says_no_such_volume(driver: Driver) -> None:
+    with pytest.raises(UserError, match="no such volume"):
+        driver.get("missing")
+
+
+def test_get_answers_even_when_metadata_is_unreadable(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    (folder / "metadata.json").write_text("{")
+    info = driver.get("v")
+    assert (info.name, info.mountpoint, info.created_at) == ("v", "", "")
+
+
+def test_list_shows_only_volume_folders(driver: Driver, base: Path) -> None:
+    make_volume(driver, base, "one")
+    make_volume(driver, base, "two")
+    (driver.root / ".hidden").mkdir()
+    (driver.root / "file").touch()
+    assert [info.name for info in driver.list()] == ["one", "two"]
+
+
+def test_mountpoint_is_reported_only_while_in_use(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    assert driver.get("v").mountpoint == ""
+    driver.mount("v", ID_A)
+    assert driver.get("v").mountpoint == f"{folder}/mountpoint/"
+    assert driver.list()[0].mountpoint == f"{folder}/mountpoint/"
+    driver.unmount("v", ID_A)
+    assert driver.get("v").mountpoint == ""
+
+
+def test_created_at_of_a_go_volume_is_its_metadata_time(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    (folder / "metadata.json").write_text(json.dumps({"BaseDirPath": str(base), "Volatile": False}))
+    os.utime(folder / "metadata.json", (1700000000, 1700000000))
+    assert driver.get("v").created_at == "2023-11-14T22:13:20Z"
+
+
+def test_path_is_the_mountpoint(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    assert driver.path("v") == f"{folder}/mountpoint/"
+    with pytest.raises(UserError, match="no such volume"):
+        driver.path("missing")
+
+
+# --- Mount and Unmount -----------------------------------------------------------------
+
+
+def test_first_mount_mounts_the_overlay_and_records_the_id(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    assert driver.mount("v", ID_A) == f"{folder}/mountpoint/"
+    assert mounted(folder)
+    assert records(folder) == {ID_A: 1}
+    assert (folder / "mountpoint" / "a").read_text() == "123"
+
+
+def test_changes_land_in_upper_and_never_in_base(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    view = folder / "mountpoint"
+    (view / "a").unlink()
+    (view / "b").write_text("789")
+    (view / "c").write_text("etc")
+    driver.unmount("v", ID_A)
+    assert sorted(p.name for p in base.iterdir()) == ["a", "b"]
+    assert (base / "b").read_text() == "456"
+    assert (folder / "upper" / "c").read_text() == "etc"
+
+
+def test_same_id_twice_needs_two_unmounts(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    driver.mount("v", ID_A)
+    assert records(folder) == {ID_A: 2}
+    driver.unmount("v", ID_A)
+    assert records(folder) == {ID_A: 1}
+    assert mounted(folder)
+    driver.unmount("v", ID_A)
+    assert records(folder) == {}
+    assert not mounted(folder)
+
+
+def test_last_unmount_removes_mountpoint_and_workdir(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    driver.mount("v", ID_B)
+    driver.unmount("v", ID_A)
+    assert mounted(folder)
+    driver.unmount("v", ID_B)
+    assert not mounted(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["activemounts", "metadata.json", "upper"]
+
+
+def test_regular_volume_keeps_changes_between_users(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("kept")
+    driver.unmount("v", ID_A)
+    driver.mount("v", ID_B)
+    assert (folder / "mountpoint" / "c").read_text() == "kept"
+
+
+def test_volatile_volume_discards_changes_when_next_mounted(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base, volatile=True)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("gone")
+    (folder / "mountpoint" / "a").unlink()
+    # A second user while the first is active shares the changes.
+    driver.mount("v", ID_B)
+    assert (folder / "mountpoint" / "c").read_text() == "gone"
+    driver.unmount("v", ID_A)
+    driver.unmount("v", ID_B)
+    driver.mount("v", ID_A)
+    assert not (folder / "mountpoint" / "c").exists()
+    assert (folder / "mountpoint" / "a").read_text() == "123"
+
+
+def test_mount_of_a_missing_volume_says_no_such_volume(driver: Driver) -> None:
+    with pytest.raises(UserError, match="no such volume"):
+        driver.mount("missing", ID_A)
+    with pytest.raises(UserError, match="no such volume"):
+        driver.unmount("missing", ID_A)
+
+
+@pytest.mark.parametrize("mount_id", ["", ".", "..", "../x", "a/b", "x" * 256, "a\0b"])
+def test_mount_ids_that_would_leave_the_folder_are_refused(
+    driver: Driver, base: Path, mount_id: str
+) -> None:
+    folder = make_volume(driver, base)
+    with pytest.raises(UserError, match="mount ID"):
+        driver.mount("v", mount_id)
+    with pytest.raises(UserError, match="mount ID"):
+        driver.unmount("v", mount_id)
+    assert not mounted(folder)
+    assert records(folder) == {}
+    assert sorted(p.name for p in driver.root.iterdir()) == ["v"]
+
+
+def test_mount_with_the_base_gone_says_so_and_leaves_nothing(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    subprocess.run(["rm", "-r", str(base)], check=True)
+    with pytest.raises(UserError, match="does the base directory"):
+        driver.mount("v", ID_A)
+    assert not mounted(folder)
+    assert records(folder) == {}
+    assert not (folder / "mountpoint").exists()
+    assert not (folder / "workdir").exists()
+
+
+def test_mount_that_cannot_record_is_undone(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    with immutable(folder / "activemounts"), pytest.raises(InternalError):
+        driver.mount("v", ID_A)
+    assert not mounted(folder)
+    assert records(folder) == {}
+    assert sorted(p.name for p in folder.iterdir()) == ["activemounts", "metadata.json", "upper"]
+    driver.mount("v", ID_A)
+    assert mounted(folder)
+
+
+@pytest.mark.parametrize("volatile", [False, True])
+def test_a_release_that_failed_is_retried_before_the_next_mount(
+    driver: Driver, base: Path, volatile: bool
+) -> None:
+    folder = make_volume(driver, base, volatile=volatile)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("change")
+    with immutable(folder / "activemounts" / ID_A):
+        with pytest.raises(InternalError, match="usage records"):
+            driver.unmount("v", ID_A)
+        assert mounted(folder)
+        # While the stale record cannot be released, a mount would hand out a
+        # volume whose records lie: it is refused.
+        with pytest.raises(InternalError, match="could not be released"):
+            driver.mount("v", ID_B)
+    driver.mount("v", ID_B)
+    assert records(folder) == {ID_B: 1}
+    assert (folder / "mountpoint" / "c").exists() is not volatile
+    driver.unmount("v", ID_B)
+    assert not mounted(folder)
+
+
+def test_unmount_of_a_busy_overlay_detaches_it(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("kept")
+    with open(folder / "mountpoint" / "b"):
+        driver.unmount("v", ID_A)
+        assert not mounted(folder)
+        assert records(folder) == {}
+    driver.mount("v", ID_B)
+    assert (folder / "mountpoint" / "c").read_text() == "kept"
+
+
+def test_records_without_an_overlay_get_it_mounted_again(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base, volatile=True)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("in use")
+    subprocess.run(["umount", str(folder / "mountpoint")], check=True)
+    driver.mount("v", ID_B)
+    assert mounted(folder)
+    assert (folder / "mountpoint" / "c").read_text() == "in use"
+
+
+def test_a_stray_overlay_with_no_user_is_replaced(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base, volatile=True)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("gone")
+    (folder / "activemounts" / ID_A).unlink()
+    driver.mount("v", ID_B)
+    assert [fs for _, fs in mounts_under(folder / "mountpoint")] == ["overlay"]
+    assert not (folder / "mountpoint" / "c").exists()
+
+
+def test_unmount_without_a_record_counts_as_one_use(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    driver.unmount("v", ID_B)
+    assert mounted(folder)
+    assert records(folder) == {ID_A: 1}
+
+
+def test_concurrent_mounts_make_one_overlay(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    ids = [f"{n:064x}" for n in range(40)]
+    errors: list[BaseException] = []
+
+    def run(action: str) -> None:
+        def call(mount_id: str) -> None:
+            try:
+                getattr(driver, action)("v", mount_id)
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    run("mount")
+    assert errors == []
+    assert [fs for _, fs in mounts_under(folder / "mountpoint")] == ["overlay"]
+    assert records(folder) == dict.fromkeys(ids, 1)
+    run("unmount")
+    assert errors == []
+    assert mounts_under(folder) == []
+    assert records(folder) == {}
+
+
+# --- Remove ------------------------------------------------------------------------
+
+
+def test_remove_of_a_missing_volume_succeeds(driver: Driver) -> None:
+    driver.remove("missing")
+
+
+def test_remove_deletes_the_whole_folder(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("x")
+    driver.unmount("v", ID_A)
+    driver.remove("v")
+    assert not folder.exists()
+    assert sorted(p.name for p in base.iterdir()) == ["a", "b"]
+
+
+def test_remove_detaches_a_stray_mount_first(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    (folder / "activemounts" / ID_A).unlink()
+    driver.remove("v")
+    assert not folder.exists()
+    assert mounts_under(folder) == []
+    assert sorted(p.name for p in base.iterdir()) == ["a", "b"]
+
+
+# --- Start-up recovery ---------------------------------------------------------------
+
+
+def test_recovery_leaves_a_clean_volume_alone(root: Path, base: Path) -> None:
+    first = Driver(root)
+    first.recover()
+    make_volume(first, base)
+    report = Driver(root).recover()
+    assert report.clean == ["v"]
+
+
+def test_recovery_resets_records_left_by_a_reboot(root: Path, base: Path) -> None:
+    first = Driver(root)
+    first.recover()
+    folder = make_volume(first, base)
+    first.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("kept")
+    subprocess.run(["umount", str(folder / "mountpoint")], check=True)
+    second = Driver(root)
+    assert second.recover().cleaned == ["v"]
+    assert records(folder) == {}
+    assert not (folder / "workdir").exists()
+    second.mount("v", ID_B)
+    assert (folder / "mountpoint" / "c").read_text() == "kept"
+
+
+def test_recovery_leaves_a_volume_still_mounted(root: Path, base: Path) -> None:
+    first = Driver(root)
+    first.recover()
+    folder = make_volume(first, base)
+    first.mount("v", ID_A)
+    second = Driver(root)
+    assert second.recover().still_mounted == ["v"]
+    assert mounted(folder)
+    assert records(folder) == {ID_A: 1}
+    second.unmount("v", ID_A)
+    assert not mounted(folder)
+
+
+def test_recovery_removes_a_volume_whose_create_was_cut_short(root: Path) -> None:
+    (root / "half" / "upper").mkdir(parents=True)
+    (root / "half" / "activemounts").mkdir()
+    assert Driver(root).recover().half_made == ["half"]
+    assert not (root / "half").exists()
+
+
+def test_recovery_keeps_a_folder_without_metadata_that_holds_changes(root: Path) -> None:
+    (root / "odd" / "upper").mkdir(parents=True)
+    (root / "odd" / "upper" / "precious").touch()
+    Driver(root).recover()
+    assert (root / "odd" / "upper" / "precious").exists()
+
+
+def test_recovery_stops_on_a_state_it_cannot_understand(root: Path, base: Path) -> None:
+    first = Driver(root)
+    first.recover()
+    folder = make_volume(first, base)
+    (folder / "mountpoint").mkdir()
+    (folder / "mountpoint" / "stray").touch()
+    with pytest.raises(InternalError, match="cannot recover volume v"):
+        Driver(root).recover()

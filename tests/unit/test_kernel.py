@@ -1,0 +1,101 @@
+"""The kernel interface on real mounts (SPEC B7, B8)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from docker_on_top import kernel
+
+from ..mounts import mounts_under
+
+
+def test_overlay_options_pin_off_features_that_forbid_changing_the_base() -> None:
+    options = kernel.overlay_options(
+        lower=Path("/l"), upper=Path("/u"), work=Path("/w"), volatile=False
+    ).split(",")
+    assert options[:3] == ["lowerdir=/l", "upperdir=/u", "workdir=/w"]
+    for pinned in ("index=off", "metacopy=off", "redirect_dir=off", "xino=off"):
+        assert pinned in options
+    assert "volatile" not in options
+
+
+def test_volatile_overlay_options_skip_syncs() -> None:
+    options = kernel.overlay_options(
+        lower=Path("/l"), upper=Path("/u"), work=Path("/w"), volatile=True
+    )
+    assert options.split(",")[-1] == "volatile"
+
+
+def test_overlay_options_refuse_separators_in_paths() -> None:
+    with pytest.raises(ValueError):
+        kernel.overlay_options(lower=Path("/a,b"), upper=Path("/u"), work=Path("/w"), volatile=False)
+
+
+def make_layers(workspace: Path) -> tuple[Path, Path, Path, Path]:
+    layers = tuple(workspace / name for name in ("lower", "upper", "work", "target"))
+    for layer in layers:
+        layer.mkdir()
+    (layers[0] / "file").write_text("from the base")
+    return layers  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("volatile", [False, True])
+def test_mount_and_unmount_an_overlay(workspace: Path, volatile: bool) -> None:
+    lower, upper, work, target = make_layers(workspace)
+    kernel.mount_overlay(
+        source="test", lower=lower, upper=upper, work=work, target=target, volatile=volatile
+    )
+    assert kernel.is_mount_point(target)
+    assert mounts_under(target) == [(str(target), "overlay")]
+    assert (target / "file").read_text() == "from the base"
+    (target / "new").write_text("change")
+    assert (upper / "new").read_text() == "change"
+    assert not (lower / "new").exists()
+    kernel.unmount(target)
+    assert not kernel.is_mount_point(target)
+    assert mounts_under(target) == []
+
+
+def test_mount_with_a_missing_lower_says_enoent(workspace: Path) -> None:
+    lower, upper, work, target = make_layers(workspace)
+    with pytest.raises(OSError) as raised:
+        kernel.mount_overlay(
+            source="test",
+            lower=workspace / "missing",
+            upper=upper,
+            work=work,
+            target=target,
+            volatile=False,
+        )
+    assert raised.value.errno == errno.ENOENT
+
+
+def test_unmount_of_something_not_mounted_fails(workspace: Path) -> None:
+    with pytest.raises(OSError) as raised:
+        kernel.unmount(workspace)
+    assert raised.value.errno == errno.EINVAL
+
+
+def test_is_mount_point_of_a_missing_path_is_false(workspace: Path) -> None:
+    assert not kernel.is_mount_point(workspace / "missing")
+
+
+def test_directory_lock_excludes_a_second_holder(workspace: Path) -> None:
+    import fcntl
+    import os
+
+    with kernel.DirectoryLock(workspace):
+        fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
