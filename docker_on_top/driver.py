@@ -13,7 +13,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,17 +177,15 @@ class Driver:
         if not volume.exists():
             return
         try:
-            if volume.records.folder.is_dir():
-                with volume.records.lock():
-                    if volume.records.in_use():
-                        log.warning(
-                            "removing volume %s although its records say it is in use (%s)",
-                            name,
-                            ", ".join(volume.records.ids()),
-                        )
-                    self._detach_everything(volume)
-                    volume.destroy()
-            else:
+            # A folder left by a cut-short create may have no activemounts/ to lock.
+            has_records = volume.records.folder.is_dir()
+            with volume.records.lock() if has_records else nullcontext():
+                if has_records and volume.records.in_use():
+                    log.warning(
+                        "removing volume %s although its records say it is in use (%s)",
+                        name,
+                        ", ".join(volume.records.ids()),
+                    )
                 self._detach_everything(volume)
                 volume.destroy()
         except FileNotFoundError:
@@ -203,7 +201,10 @@ class Driver:
         with self._locked(volume):
             self._retry_unreleased(volume)
             mounted_here = False
-            first_user = not volume.records.in_use()
+            try:
+                first_user = not volume.records.in_use()
+            except OSError as error:
+                raise InternalError("failed to read the volume's usage records", error) from error
             if first_user or not kernel.is_mount_point(volume.mountpoint):
                 if not first_user:
                     log.warning(
@@ -218,7 +219,10 @@ class Driver:
             except OSError as error:
                 # No record may exist without a mount, nor a mount we made without a record.
                 if mounted_here:
-                    self._unmount_overlay(volume)
+                    try:
+                        self._unmount_overlay(volume)
+                    except InternalError as undo_error:
+                        log.error("volume %s: cannot undo its mount: %s", name, undo_error)
                 raise InternalError("failed to record the mount", error) from error
         log.debug("mounted volume %s for %s", name, mount_id)
         return _mountpoint_reply(volume)

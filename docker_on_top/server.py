@@ -246,7 +246,8 @@ class PluginServer:
     # --- handling one request (no I/O of its own: usable without a socket) ---------
 
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, object]]:
-        log.debug("request %s %s", path, body[:2048].decode("utf-8", "replace"))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s %s", path, body[:2048].decode("utf-8", "replace"))
         try:
             route = self._routes.get(path)
             if route is None:
@@ -370,6 +371,7 @@ class PluginServer:
                     connection.sendall(
                         encode_response(500, {"Err": f"bad request: {error}"}, keep_alive=False)
                     )
+                    _discard_unread(connection)
                     return
                 if request is None:
                     return
@@ -415,6 +417,16 @@ class PluginServer:
                 self.socket_path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _discard_unread(connection: socket.socket) -> None:
+    """Read and drop what the client still sends, briefly, so closing does not reset
+    the connection before it has read our error reply."""
+    connection.shutdown(socket.SHUT_WR)
+    connection.settimeout(1.0)
+    for _ in range(64):
+        if not connection.recv(65536):
+            return
 
 
 def _socket_answers(path: Path) -> bool:

@@ -31,7 +31,9 @@ def test_volatile_overlay_options_skip_syncs() -> None:
 
 def test_overlay_options_refuse_separators_in_paths() -> None:
     with pytest.raises(ValueError):
-        kernel.overlay_options(lower=Path("/a,b"), upper=Path("/u"), work=Path("/w"), volatile=False)
+        kernel.overlay_options(
+            lower=Path("/a,b"), upper=Path("/u"), work=Path("/w"), volatile=False
+        )
 
 
 def make_layers(workspace: Path) -> tuple[Path, Path, Path, Path]:
@@ -60,7 +62,7 @@ def test_mount_and_unmount_an_overlay(workspace: Path, volatile: bool) -> None:
 
 
 def test_mount_with_a_missing_lower_says_enoent(workspace: Path) -> None:
-    lower, upper, work, target = make_layers(workspace)
+    _, upper, work, target = make_layers(workspace)
     with pytest.raises(OSError) as raised:
         kernel.mount_overlay(
             source="test",

@@ -73,7 +73,9 @@ def test_failed_create_leaves_no_half_made_volume(root: Path) -> None:
     assert (root / "w").exists()  # not ours: an existing folder is never removed
 
 
-def test_failed_metadata_write_removes_what_create_made(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_metadata_write_removes_what_create_made(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root.mkdir()
     volume = Volume(root, "v")
 
