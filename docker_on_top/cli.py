@@ -70,13 +70,17 @@ def serve(settings: Settings) -> int:
     driver = Driver(settings.root)
     server = PluginServer(driver, settings.socket)
     try:
-        driver.recover()
+        # Bind first: a second instance must be refused before its recovery touches
+        # the state of the first. Requests wait in the listen queue meanwhile.
         server.bind()
-    except (PluginError, StartupError) as error:
+    except (StartupError, OSError) as error:
         log.error("cannot start: %s", error)
         return 1
-    except OSError as error:
+    try:
+        driver.recover()
+    except (PluginError, OSError) as error:
         log.error("cannot start: %s", error)
+        server.close()
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())

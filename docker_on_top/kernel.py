@@ -43,8 +43,16 @@ def overlay_options(*, lower: Path, upper: Path, work: Path, volatile: bool) -> 
     for path in (lower, upper, work):
         if UNSAFE_OPTION_CHARACTERS & set(str(path)):
             raise ValueError(f"path {path} contains ',' or ':' and cannot be an overlay option")
-    options = f"lowerdir={lower},upperdir={upper},workdir={work},{_PINNED_OFF}"
+    options = (
+        f"lowerdir={_escaped(lower)},upperdir={_escaped(upper)},workdir={_escaped(work)},"
+        + _PINNED_OFF
+    )
     return options + ",volatile" if volatile else options
+
+
+def _escaped(path: Path) -> str:
+    # overlayfs removes backslash escapes from the paths in its options.
+    return str(path).replace("\\", "\\\\")
 
 
 def mount_overlay(

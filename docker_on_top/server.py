@@ -360,9 +360,13 @@ class PluginServer:
         try:
             while True:
                 connection.settimeout(IDLE_TIMEOUT_S)
-                first = stream.peek(1) if hasattr(stream, "peek") else b"x"
-                if not first:
+                if not stream.peek(1):
                     return
+                # From its first byte on, a request is in flight: a stop lets it finish.
+                with connections.lock:
+                    if connections.stopping:
+                        return
+                    connections.idle.discard(connection)
                 connection.settimeout(REQUEST_TIMEOUT_S)
                 try:
                     request = read_request(stream)
@@ -375,12 +379,10 @@ class PluginServer:
                     return
                 if request is None:
                     return
-                with connections.lock:
-                    if connections.stopping:
-                        return
-                    connections.idle.discard(connection)
                 status, document = self.handle(request.method, request.path, request.body)
-                connection.sendall(encode_response(status, document, keep_alive=request.keep_alive))
+                connection.sendall(
+                    encode_response(status, document, keep_alive=request.keep_alive)
+                )
                 with connections.lock:
                     if connections.stopping or not request.keep_alive:
                         return
@@ -393,6 +395,11 @@ class PluginServer:
                 connections.threads.discard(threading.current_thread())
             stream.close()
             connection.close()
+
+    def close(self) -> None:
+        """Give up the socket without serving (a start that failed after `bind`)."""
+        if self._listener is not None:
+            self._shut_down(self._listener)
 
     def _shut_down(self, listener: socket.socket) -> None:
         listener.close()

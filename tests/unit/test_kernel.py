@@ -61,6 +61,23 @@ def test_mount_and_unmount_an_overlay(workspace: Path, volatile: bool) -> None:
     assert mounts_under(target) == []
 
 
+def test_paths_with_backslashes_mount_those_very_paths(workspace: Path) -> None:
+    layers = [workspace / f"odd\\{name}" for name in ("lower", "upper", "work", "target")]
+    for layer in layers:
+        layer.mkdir()
+    lower, upper, work, target = layers
+    (lower / "file").write_text("from the odd base")
+    kernel.mount_overlay(
+        source="test", lower=lower, upper=upper, work=work, target=target, volatile=False
+    )
+    try:
+        assert (target / "file").read_text() == "from the odd base"
+        (target / "new").touch()
+        assert (upper / "new").exists()
+    finally:
+        kernel.unmount(target)
+
+
 def test_mount_with_a_missing_lower_says_enoent(workspace: Path) -> None:
     _, upper, work, target = make_layers(workspace)
     with pytest.raises(OSError) as raised:
