@@ -46,6 +46,8 @@ class Mountable(Protocol):
     def mountpoint(self) -> str: ...
     @property
     def created_at(self) -> str: ...
+    @property
+    def status(self) -> Mapping[str, object]: ...
 
 
 class VolumeDriver(Protocol):
@@ -83,6 +85,8 @@ def _volume_json(volume: Mountable) -> dict[str, object]:
         document["Mountpoint"] = volume.mountpoint
     if volume.created_at:
         document["CreatedAt"] = volume.created_at
+    if volume.status:
+        document["Status"] = volume.status
     return document
 
 
@@ -380,9 +384,7 @@ class PluginServer:
                 if request is None:
                     return
                 status, document = self.handle(request.method, request.path, request.body)
-                connection.sendall(
-                    encode_response(status, document, keep_alive=request.keep_alive)
-                )
+                connection.sendall(encode_response(status, document, keep_alive=request.keep_alive))
                 with connections.lock:
                     if connections.stopping or not request.keep_alive:
                         return

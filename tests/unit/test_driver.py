@@ -476,3 +476,19 @@ def test_recovery_stops_on_a_state_it_cannot_understand(root: Path, base: Path) 
     (folder / "mountpoint" / "stray").touch()
     with pytest.raises(InternalError, match="cannot recover volume v"):
         Driver(root).recover()
+
+
+def test_get_reports_the_status_docker_volume_inspect_shows(driver: Driver, base: Path) -> None:
+    make_volume(driver, base, volatile=True)
+    assert driver.get("v").status == {
+        "Base": str(base),
+        "Volatile": True,
+        "Mounted": False,
+        "ActiveMounts": 0,
+    }
+    driver.mount("v", ID_A)
+    driver.mount("v", ID_A)
+    driver.mount("v", ID_B)
+    status = driver.get("v").status
+    assert (status["Mounted"], status["ActiveMounts"]) == (True, 3)
+    assert driver.list()[0].status == {}
