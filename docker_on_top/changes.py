@@ -20,7 +20,8 @@ either namespace is ever carried into a copy or an export, though: whatever over
 uses the result as a layer could take them for its own.
 
 The upper root is made by the plugin, not copied up from the base, so its own metadata is
-never reported or applied as a change. Reading `trusted.*` xattrs needs root.
+never reported or applied as a change; the kernel ignores an opaque mark on it, and so do
+these functions. Reading `trusted.*` xattrs needs root.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -86,7 +87,7 @@ def diff(upper: Path, base: Path) -> list[Change]:
     """
     _require_directory(base)
     changes: list[Change] = []
-    shadows = {"": _Shadow.of(base, hides=_is_opaque(upper))}
+    shadows = {"": _Shadow.of(base, hides=False)}
     for entry in _walk(upper):
         if entry.leaving:
             changes.extend(shadows.pop(entry.relative).deletions(entry.relative))
@@ -126,8 +127,6 @@ def export_layer(upper: Path, out: BinaryIO) -> None:
     hold as content; what was written by then is not a valid layer.
     """
     first_names: dict[tuple[int, int], str] = {}
-    if _is_opaque(upper):
-        _write_header(out, _tar_info(_OPAQUE_MARKER, os.lstat(upper), tarfile.REGTYPE))
     for entry in _walk(upper):
         if entry.leaving:
             continue
@@ -242,8 +241,6 @@ def apply_to_base(
     """
     _require_directory(base)
     copier = _Copier(progress)
-    if _is_opaque(upper):
-        _empty(base)
     for entry in _walk(upper):
         source = upper / entry.relative
         destination = base / entry.relative
@@ -538,18 +535,18 @@ def _empty(directory: Path) -> None:
         _remove(directory / name)
 
 
-def _mount_view(layers: Iterable[Path], target: Path) -> None:
+def _mount_view(layers: list[Path], target: Path) -> None:
     """Mount the layers, topmost first, as a read-only overlay on `target`.
 
     kernel.py mounts one lower layer under a writable upper; this needs several lower
     layers and no upper, so it calls the same libc binding. The features are pinned off as
     for the volume's own mounts, so that the view is what the containers see.
     """
-    paths = [str(layer) for layer in layers]
-    for path in paths:
-        if kernel.UNSAFE_OPTION_CHARACTERS & set(path):
-            raise ValueError(f"path {path} contains ',' or ':' and cannot be an overlay option")
-    options = f"lowerdir={':'.join(paths)},{kernel._PINNED_OFF}"
+    for layer in layers:
+        if kernel.UNSAFE_OPTION_CHARACTERS & set(str(layer)):
+            raise ValueError(f"path {layer} contains ',' or ':' and cannot be an overlay option")
+    lower = ":".join(kernel._escaped(layer) for layer in layers)
+    options = f"lowerdir={lower},{kernel._PINNED_OFF}"
     if (
         kernel._libc.mount(
             b"docker-on-top", os.fsencode(target), b"overlay", _MS_RDONLY, os.fsencode(options)

@@ -55,7 +55,8 @@ class Driver:
         self.root = root
         # Releases (Unmounts) whose record could not be updated, by volume name: they
         # are retried under the volume's lock before its next Mount or Unmount. Only
-        # the thread holding that volume's lock touches its entry.
+        # the thread holding that volume's lock touches its entry. Also kept on disk
+        # (unreleased.json) so that a restart does not forget them.
         self._unreleased: dict[str, Counter[str]] = {}
 
     # --- start-up -----------------------------------------------------------------
@@ -79,6 +80,7 @@ class Driver:
                 continue
             except OSError as error:
                 if error.errno == errno.EBUSY:
+                    self._load_unreleased(volume)
                     report.still_mounted.append(volume.name)
                     log.info("volume %s is still mounted from the previous run", volume.name)
                     continue
@@ -91,6 +93,7 @@ class Driver:
             try:
                 with volume.records.lock():
                     volume.records.clear()
+                    volume.write_unreleased({})
                     volume.remove_mount_folders()
             except OSError as error:
                 raise InternalError(f"cannot recover volume {volume.name}", error) from error
@@ -236,7 +239,9 @@ class Driver:
             try:
                 now_unused = self._release(volume, mount_id)
             except OSError as error:
-                self._unreleased.setdefault(name, Counter())[mount_id] += 1
+                pending = self._unreleased.setdefault(name, Counter())
+                pending[mount_id] += 1
+                self._save_unreleased(volume, pending)
                 raise InternalError(
                     "failed to update the volume's usage records; it stays mounted", error
                 ) from error
@@ -276,6 +281,7 @@ class Driver:
                 try:
                     self._release(volume, mount_id)
                 except OSError as error:
+                    self._save_unreleased(volume, pending)
                     raise InternalError(
                         f"the usage record of mount ID {mount_id} could not be released when "
                         "its container stopped and still cannot be",
@@ -284,6 +290,28 @@ class Driver:
                 pending[mount_id] -= 1
             del pending[mount_id]
         del self._unreleased[volume.name]
+        self._save_unreleased(volume, pending)
+
+    @staticmethod
+    def _save_unreleased(volume: Volume, pending: Counter[str]) -> None:
+        try:
+            volume.write_unreleased({i: n for i, n in pending.items() if n > 0})
+        except OSError as error:
+            log.error("volume %s: cannot save the releases still to apply: %s", volume.name, error)
+
+    def _load_unreleased(self, volume: Volume) -> None:
+        try:
+            pending = volume.read_unreleased()
+        except (OSError, ValueError) as error:
+            log.error("volume %s: cannot read the releases still to apply: %s", volume.name, error)
+            return
+        if pending:
+            log.warning(
+                "volume %s: %d release(s) failed before the restart; retrying them at its next use",
+                volume.name,
+                sum(pending.values()),
+            )
+            self._unreleased[volume.name] = Counter(pending)
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -165,6 +165,7 @@ class Volume:
         self.workdir = self.folder / "workdir"
         self.mountpoint = self.folder / "mountpoint"
         self.records = UsageRecords(self.folder / "activemounts", self.folder / ".activemount.tmp")
+        self.unreleased_path = self.folder / "unreleased.json"
 
     def exists(self) -> bool:
         return self.folder.is_dir()
@@ -197,6 +198,29 @@ class Volume:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
         fsync_directory(self.folder.parent)
+
+    def read_unreleased(self) -> dict[str, int]:
+        """Releases that failed earlier, by mount ID (see Driver.unmount); {} when none."""
+        try:
+            document = json.loads(self.unreleased_path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        if not isinstance(document, dict) or not all(
+            isinstance(n, int) and n > 0 for n in document.values()
+        ):
+            raise ValueError(f"{self.unreleased_path} is not a map of mount IDs to counts")
+        return document
+
+    def write_unreleased(self, pending: dict[str, int]) -> None:
+        if not pending:
+            self.unreleased_path.unlink(missing_ok=True)
+            return
+        write_atomically(
+            self.unreleased_path,
+            json.dumps(pending).encode(),
+            self.folder / ".unreleased.json.tmp",
+            durable=True,
+        )
 
     def destroy(self) -> None:
         shutil.rmtree(self.folder)

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -29,9 +30,18 @@ from docker_on_top.changes import (
 
 from ..mounts import mounts_under
 
-# What a tree holds at one path: type, mode, owner, content or link target or device,
-# xattrs, and (when asked) the mtime in nanoseconds.
-Node = tuple[object, ...]
+
+class Node(NamedTuple):
+    """What a tree holds at one path."""
+
+    kind: int
+    mode: int
+    uid: int
+    gid: int
+    # Content, symlink target or device number.
+    detail: object
+    xattrs: dict[str, bytes]
+    mtime_ns: int | None
 
 
 def snapshot(root: Path, *, times: bool = True) -> dict[str, Node]:
@@ -55,7 +65,7 @@ def snapshot(root: Path, *, times: bool = True) -> dict[str, Node]:
             name: os.getxattr(path, name, follow_symlinks=False)
             for name in os.listxattr(path, follow_symlinks=False)
         }
-        found[relative] = (
+        found[relative] = Node(
             stat.S_IFMT(st.st_mode),
             stat.S_IMODE(st.st_mode),
             st.st_uid,
@@ -72,7 +82,7 @@ def below_root(tree: dict[str, Node]) -> dict[str, Node]:
 
 
 def without_times(tree: dict[str, Node]) -> dict[str, Node]:
-    return {relative: (*node[:-1], None) for relative, node in tree.items()}
+    return {relative: node._replace(mtime_ns=None) for relative, node in tree.items()}
 
 
 def hard_link_groups(root: Path) -> set[frozenset[str]]:
@@ -247,7 +257,7 @@ def overlay_xattrs(tree: dict[str, Node]) -> list[str]:
     return [
         f"{relative}: {name}"
         for relative, node in tree.items()
-        for name in node[5]  # type: ignore[attr-defined]
+        for name in node.xattrs
         if name.startswith(("trusted.overlay.", "user.overlay."))
     ]
 
@@ -259,7 +269,6 @@ def test_the_upper_holds_what_the_kernel_wrote(changed: Changed) -> None:
     assert whiteout.st_rdev == 0
     assert os.getxattr(upper / "remade", "trusted.overlay.opaque") == b"y"
     assert stat.S_ISCHR(os.lstat(upper / "renamed_dir").st_mode)
-    assert not (upper / "new_dir").is_symlink()
     assert "trusted.overlay.opaque" not in os.listxattr(upper / "new_dir")
 
 
@@ -513,3 +522,34 @@ def test_changes_size_counts_regular_files_once_per_inode(volume: Volume) -> Non
     (mnt / "newlink").symlink_to("big")
     volume.unmount()
     assert changes_size(volume.upper) == 10_000 + len("base change.txt\nmore\n")
+
+
+def test_apply_to_base_never_writes_through_a_base_symlink(volume: Volume, workspace: Path) -> None:
+    outside = workspace / "outside"
+    outside.mkdir()
+    volume.unmount()
+    (volume.base / "escape").symlink_to(outside)
+    volume.mount()
+    (volume.mountpoint / "escape").unlink()
+    (volume.mountpoint / "escape").mkdir()
+    (volume.mountpoint / "escape" / "f").write_text("inside the volume\n")
+    volume.unmount()
+    assert [c for c in diff(volume.upper, volume.base) if "escape" in c.path] == [
+        Change("C", "/escape"),
+        Change("A", "/escape/f"),
+    ]
+    apply_to_base(volume.upper, volume.base)
+    assert os.listdir(outside) == []
+    assert not (volume.base / "escape").is_symlink()
+    assert (volume.base / "escape" / "f").read_text() == "inside the volume\n"
+
+
+def test_merge_into_with_a_backslash_in_the_base_path(workspace: Path) -> None:
+    base = workspace / "odd\\base"
+    upper = workspace / "upper"
+    for folder in (base, upper):
+        folder.mkdir()
+    (base / "file").write_text("from the odd base\n")
+    (upper / "added").write_text("added\n")
+    merge_into(upper, base, workspace / "merged")
+    assert sorted(os.listdir(workspace / "merged")) == ["added", "file"]

@@ -492,3 +492,20 @@ def test_get_reports_the_status_docker_volume_inspect_shows(driver: Driver, base
     status = driver.get("v").status
     assert (status["Mounted"], status["ActiveMounts"]) == (True, 3)
     assert driver.list()[0].status == {}
+
+
+def test_a_failed_release_survives_a_restart(root: Path, base: Path) -> None:
+    first = Driver(root)
+    first.recover()
+    folder = make_volume(first, base, volatile=True)
+    first.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("gone")
+    with immutable(folder / "activemounts" / ID_A), pytest.raises(InternalError):
+        first.unmount("v", ID_A)
+    assert json.loads((folder / "unreleased.json").read_text()) == {ID_A: 1}
+    second = Driver(root)
+    assert second.recover().still_mounted == ["v"]
+    second.mount("v", ID_B)
+    assert records(folder) == {ID_B: 1}
+    assert not (folder / "mountpoint" / "c").exists()
+    assert not (folder / "unreleased.json").exists()
