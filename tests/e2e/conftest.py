@@ -1,0 +1,839 @@
+"""End-to-end harness: the plugin under a real dockerd.
+
+Run: ``python3 -m pytest tests/e2e -m e2e`` as root.
+
+Environment knobs (all optional):
+
+* ``DOT_E2E_TMPDIR``: where the session folder goes (default /var/tmp; it must be
+  a disk filesystem that supports chattr and overlayfs upper dirs, not tmpfs).
+* ``DOT_E2E_LOG_DIR``: keep the plugin logs (one per test) and dockerd's log
+  there instead of deleting them with the session folder.
+* ``DOT_E2E_DOCKERD_ARGS``: extra flags for the dockerd the harness starts.
+* ``DOT_E2E_SOURCE``: run the plugin from another checkout (default: this repo).
+
+What the fixtures do:
+
+* ``host_tools`` (session): makes sure ``docker``/``dockerd``, a *static*
+  busybox and ``chattr`` exist, installing ``docker.io``, ``busybox-static``
+  and ``e2fsprogs`` with apt-get only when something is missing.
+* ``dockerd`` (session): uses the dockerd that answers ``docker info``; when
+  none does, starts its own (and stops exactly that process, by PID, at the
+  end).  Extra flags can be given in ``DOT_E2E_DOCKERD_ARGS``.
+* ``image`` (session): a tiny busybox image made with ``docker import``.
+* ``dot`` (function): starts ``python -m docker_on_top serve`` under a
+  private driver name with a private state root, and hands the test a
+  ``DotE2E`` object with helpers.  At teardown it removes every container and
+  volume the test made, stops the plugin by PID, unmounts what is left under
+  its root and deletes its folders - also when the test failed.
+
+Everything here talks to docker through the ``docker`` CLI (subprocess, with
+a timeout on every call).  Nothing is ever stopped by name: only processes this
+harness started, by their PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Where the plugin's `docker_on_top` package is taken from (default: this repo).
+PLUGIN_SOURCE = Path(os.environ.get("DOT_E2E_SOURCE") or REPO_ROOT).resolve()
+DOCKER_SOCK = "/var/run/docker.sock"
+PLUGIN_DIR = "/run/docker/plugins"
+
+# Every docker call gets a timeout.  dockerd itself gives a plugin 2 minutes
+# for Create and Mount, so a container start may legitimately take that long.
+T_SHORT = 60
+T_RUN = 180
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "e2e: end-to-end test against a real dockerd (needs root; starts dockerd when none runs)",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Lets fixtures know at teardown whether the test failed (to print logs).
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "dot_rep_" + rep.when, rep)
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+
+class CommandError(AssertionError):
+    pass
+
+
+def sh(args, *, timeout=T_SHORT, check=True, input=None, env=None, cwd=None):
+    """Runs a command (list of args), returns CompletedProcess with text output."""
+    try:
+        res = subprocess.run(
+            [str(a) for a in args],
+            input=input,
+            capture_output=True,
+            text=not isinstance(input, bytes),
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise CommandError(
+            f"timed out after {timeout}s: {shlex.join(map(str, args))}\n"
+            f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}"
+        ) from None
+    if isinstance(res.stdout, bytes):
+        res.stdout = res.stdout.decode(errors="replace")
+        res.stderr = res.stderr.decode(errors="replace")
+    if check and res.returncode != 0:
+        raise CommandError(describe(res))
+    return res
+
+
+def describe(res):
+    return (
+        f"command: {shlex.join(map(str, res.args))}\nexit code: {res.returncode}\n"
+        f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    )
+
+
+def tail(path, lines=200):
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _unescape_mountinfo(s):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def mountinfo():
+    """Mounts of our mount namespace: list of dicts (in mount order)."""
+    out = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        f = left.split()
+        r = right.split()
+        out.append(
+            {
+                "id": int(f[0]),
+                "mountpoint": _unescape_mountinfo(f[4]),
+                "fstype": r[0] if r else "",
+                "source": _unescape_mountinfo(r[1]) if len(r) > 1 else "",
+                "superopts": r[2] if len(r) > 2 else "",
+            }
+        )
+    return out
+
+
+def mounts_at(path):
+    path = os.path.normpath(str(path))
+    return [m for m in mountinfo() if m["mountpoint"] == path]
+
+
+def mounts_under(path):
+    prefix = os.path.normpath(str(path)) + "/"
+    return [m for m in mountinfo() if m["mountpoint"].startswith(prefix)]
+
+
+def unmount_all_under(path):
+    """Unmounts everything below path (deepest and newest first). Returns leftovers."""
+    for _ in range(20):
+        left = mounts_under(path)
+        if not left:
+            return []
+        left.sort(key=lambda m: (m["mountpoint"].count("/"), m["id"]), reverse=True)
+        for m in left:
+            r = sh(["umount", m["mountpoint"]], check=False, timeout=30)
+            if r.returncode != 0:
+                sh(["umount", "-l", m["mountpoint"]], check=False, timeout=30)
+    return mounts_under(path)
+
+
+def is_static_elf(path):
+    """True when path is an ELF executable without a program interpreter."""
+    try:
+        with open(path, "rb") as f:
+            hdr = f.read(64)
+            if len(hdr) < 52 or hdr[:4] != b"\x7fELF":
+                return False
+            end = "<" if hdr[5] == 1 else ">"
+            if hdr[4] == 2:
+                phoff = struct.unpack_from(end + "Q", hdr, 0x20)[0]
+                phentsize, phnum = struct.unpack_from(end + "HH", hdr, 0x36)
+            else:
+                phoff = struct.unpack_from(end + "I", hdr, 0x1C)[0]
+                phentsize, phnum = struct.unpack_from(end + "HH", hdr, 0x2A)
+            f.seek(phoff)
+            ph = f.read(phentsize * phnum)
+    except OSError:
+        return False
+    pt_interp = 3
+    return all(
+        struct.unpack_from(end + "I", ph, i * phentsize)[0] != pt_interp for i in range(phnum)
+    )
+
+
+def find_static_busybox():
+    cands = [shutil.which("busybox"), "/bin/busybox", "/usr/bin/busybox"]
+    for c in cands:
+        if c and os.path.exists(c) and is_static_elf(os.path.realpath(c)):
+            return os.path.realpath(c)
+    return None
+
+
+def wait_until(pred, timeout, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            return v
+        time.sleep(interval)
+
+
+def docker_answers():
+    try:
+        return (
+            sh(
+                ["docker", "info", "--format", "{{.ServerVersion}}"], check=False, timeout=20
+            ).returncode
+            == 0
+        )
+    except CommandError:
+        return False
+
+
+def stop_pid(proc, timeout):
+    """SIGTERM one process we started, wait, then SIGKILL. True if it obeyed SIGTERM."""
+    if proc.poll() is not None:
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(30)
+        return False
+
+
+# --------------------------------------------------------------------------
+# session fixtures
+# --------------------------------------------------------------------------
+
+
+def require_root():
+    if os.geteuid() != 0:
+        pytest.fail("the e2e tests must run as root (they drive dockerd and mount overlays)")
+
+
+def log_dir(e2e_tmp):
+    d = Path(os.environ.get("DOT_E2E_LOG_DIR") or e2e_tmp / "logs")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def e2e_tmp():
+    """Session folder on a disk filesystem (chattr and overlay upper dirs need one)."""
+    require_root()
+    parent = os.environ.get("DOT_E2E_TMPDIR", "/var/tmp")
+    path = Path(tempfile.mkdtemp(prefix="dot-e2e-", dir=parent)).resolve()
+    yield path
+    unmount_all_under(path)
+    sh(["chattr", "-R", "-i", path], check=False, timeout=60)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def host_tools():
+    """Installs the Debian packages the tests need, only when something is missing."""
+    require_root()
+    need = []
+    if not shutil.which("docker") or (not shutil.which("dockerd") and not docker_answers()):
+        need.append("docker.io")
+    if not find_static_busybox():
+        need.append("busybox-static")
+    if not shutil.which("chattr"):
+        need.append("e2fsprogs")
+    if need:
+        if not shutil.which("apt-get"):
+            pytest.fail(f"missing tools and no apt-get to install {need}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        sh(["apt-get", "update"], timeout=600, env=env)
+        # with recommends: docker.io needs apparmor (on AppArmor kernels) and cgroupfs-mount
+        sh(["apt-get", "install", "-y", *need], timeout=900, env=env)
+    bb = find_static_busybox()
+    if not bb:
+        pytest.fail("no statically linked busybox found even after installing busybox-static")
+    return {"busybox": bb, "installed": need}
+
+
+class Dockerd:
+    """The dockerd the tests talk to; `ours` when this harness started it."""
+
+    def __init__(self, workdir: Path, logs: Path):
+        self.workdir = workdir
+        self.log_path = logs / "dockerd.log"
+        self.pidfile = workdir / "dockerd.pid"
+        self.proc = None
+        self.ours = False
+        self.args = [
+            "dockerd",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--pidfile",
+            str(self.pidfile),
+            "--host",
+            "unix://" + DOCKER_SOCK,
+            *shlex.split(os.environ.get("DOT_E2E_DOCKERD_ARGS", "")),
+        ]
+
+    def log_tail(self, lines=80, important=False):
+        if not self.ours:
+            return "<dockerd was not started by the tests; see its own log>"
+        text = tail(self.log_path, 100_000 if important else lines)
+        if important:
+            keep = [
+                x for x in text.splitlines() if "level=info" not in x and "level=debug" not in x
+            ]
+            text = "\n".join(keep[-lines:])
+        return text
+
+    def start(self, timeout=60):
+        self.ours = True
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n===== starting: {shlex.join(self.args)}\n".encode())
+            logf.flush()
+            self.proc = subprocess.Popen(
+                self.args,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"dockerd exited with code {self.proc.returncode} while starting; "
+                    f"its log:\n{self.log_tail(200)}",
+                    pytrace=False,
+                )
+            if docker_answers():
+                return
+            time.sleep(0.5)
+        self.stop()
+        pytest.fail(
+            f"dockerd did not answer `docker info` within {timeout}s; "
+            f"its log:\n{self.log_tail(200)}",
+            pytrace=False,
+        )
+
+    def stop(self):
+        if self.proc is None:
+            return
+        children = self._children(self.proc.pid)
+        if not stop_pid(self.proc, 60):
+            # It had to be killed: the containerd it spawned would linger.
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.proc = None
+
+    def restart(self):
+        assert self.ours, "can only restart a dockerd that the tests started"
+        self.stop()
+        self.start()
+
+    @staticmethod
+    def _children(pid):
+        out = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                out += [int(x) for x in (task / "children").read_text().split()]
+        return out
+
+
+@pytest.fixture(scope="session")
+def dockerd(host_tools, e2e_tmp):
+    d = Dockerd(e2e_tmp, log_dir(e2e_tmp))
+    if docker_answers():
+        yield d  # somebody else's dockerd: use it, leave it alone
+        return
+    if not shutil.which("dockerd"):
+        pytest.fail("`docker info` does not answer and there is no dockerd to start")
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="session")
+def image(dockerd, host_tools, e2e_tmp):
+    """A busybox-only image made with `docker import`; removed at the end."""
+    bb = host_tools["busybox"]
+    applets = sh([bb, "--list"]).stdout.split()
+    tar_path = e2e_tmp / "image.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for d in ("bin", "tmp", "etc", "proc", "sys", "dev"):
+            ti = tarfile.TarInfo(d)
+            ti.type = tarfile.DIRTYPE
+            ti.mode = 0o1777 if d == "tmp" else 0o755
+            tar.addfile(ti)
+        tar.add(bb, arcname="bin/busybox")
+        for a in applets:
+            if a == "busybox" or "/" in a:
+                continue
+            ti = tarfile.TarInfo("bin/" + a)
+            ti.type = tarfile.SYMTYPE
+            ti.linkname = "busybox"
+            tar.addfile(ti)
+    tag = f"dot-e2e-busybox:{secrets.token_hex(4)}"
+    sh(["docker", "import", tar_path, tag], timeout=120)
+    tar_path.unlink()
+    try:
+        yield tag
+    finally:
+        sh(["docker", "rmi", "-f", tag], check=False, timeout=T_SHORT)
+
+
+# --------------------------------------------------------------------------
+# the plugin
+# --------------------------------------------------------------------------
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self._path)
+        self.sock = s
+
+
+def plugin_call(sock_path, endpoint, body=None, timeout=10):
+    """One request the way dockerd makes it. Returns (status, parsed JSON body)."""
+    conn = _UnixHTTPConnection(str(sock_path), timeout)
+    try:
+        data = json.dumps(body if body is not None else {}).encode()
+        conn.request(
+            "POST",
+            endpoint,
+            body=data,
+            headers={
+                "Accept": "application/vnd.docker.plugins.v1.2+json",
+                "Content-Type": "application/json",
+            },
+        )
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw or b"null")
+        except ValueError:
+            return resp.status, raw
+    finally:
+        conn.close()
+
+
+class Plugin:
+    def __init__(self, name, root: Path, socket_path: Path, log_path: Path):
+        self.name = name
+        self.root = root
+        self.socket = socket_path
+        self.log_path = log_path
+        self.proc = None
+        self.problems = []
+
+    @property
+    def cmd(self):
+        return [
+            sys.executable,
+            "-m",
+            "docker_on_top",
+            "serve",
+            "--name",
+            self.name,
+            "--root",
+            str(self.root),
+            "--socket",
+            str(self.socket),
+            "--log-level",
+            "debug",
+        ]
+
+    def start(self, timeout=30):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(PLUGIN_SOURCE) + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n===== e2e harness: starting {shlex.join(self.cmd)}\n".encode())
+            logf.flush()
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=PLUGIN_SOURCE,
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"the plugin exited with code {self.proc.returncode} while starting; "
+                    f"its log:\n{self.log()}",
+                    pytrace=False,
+                )
+            try:
+                status, body = plugin_call(self.socket, "/Plugin.Activate", timeout=5)
+                if status == 200 and "VolumeDriver" in (body or {}).get("Implements", []):
+                    return
+                last = (status, body)
+            except OSError as e:  # no socket yet, or a stale one: refused
+                last = e
+            time.sleep(0.1)
+        pytest.fail(
+            f"the plugin did not answer /Plugin.Activate on {self.socket} within "
+            f"{timeout}s (last: {last!r}); its log:\n{self.log()}",
+            pytrace=False,
+        )
+
+    def kill(self):
+        """SIGKILL, as a crash would."""
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self):
+        """SIGTERM; records a problem when it does not exit or leaves its socket."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if not stop_pid(self.proc, 20):
+            self.problems.append("the plugin did not exit within 20s of SIGTERM (killed)")
+        elif self.proc.returncode not in (0, -signal.SIGTERM):
+            self.problems.append(f"the plugin exited with code {self.proc.returncode} on SIGTERM")
+        if os.path.lexists(self.socket):
+            self.problems.append(f"the plugin left its socket {self.socket} after SIGTERM")
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket)
+
+    def log(self, lines=300):
+        return tail(self.log_path, lines)
+
+
+class DotE2E:
+    """What a test gets: the plugin plus helpers around the docker CLI."""
+
+    def __init__(self, plugin: Plugin, image: str, workdir: Path, dockerd: Dockerd):
+        self.plugin = plugin
+        self.driver = plugin.name
+        self.root = plugin.root
+        self.image = image
+        self.workdir = workdir
+        self.dockerd = dockerd
+        self.containers: list[str] = []
+        self.volumes: list[str] = []
+        self.immutable: list[Path] = []
+        self.procs: list[subprocess.Popen] = []
+        self._n = 0
+        self._tag = secrets.token_hex(3)
+
+    # ---- names and host folders
+    def new_name(self, kind="v"):
+        """A fresh volume/container name, private to this test."""
+        self._n += 1
+        return f"{self.driver}-{self._tag}-{kind}{self._n}"
+
+    def make_base(self, files=None):
+        """A fresh base folder for this test (default content: a=123, b=456)."""
+        self._n += 1
+        base = self.workdir / "bases" / f"base{self._n}"
+        base.mkdir(parents=True)
+        for k, v in ({"a": "123", "b": "456"} if files is None else files).items():
+            (base / k).write_text(v + "\n")
+        return base
+
+    def make_dir(self, kind="dir"):
+        self._n += 1
+        d = self.workdir / f"{kind}{self._n}"
+        d.mkdir(parents=True)
+        return d
+
+    # ---- docker
+    def docker(self, *args, timeout=T_SHORT, check=True, input=None):
+        return sh(["docker", *args], timeout=timeout, check=check, input=input)
+
+    def create_volume(self, base=None, *, volatile=None, name=None, opts=(), labels=(), check=True):
+        name = name or self.new_name()
+        self.volumes.append(name)
+        args = ["volume", "create", "--driver", self.driver]
+        if base is not None:
+            args += ["-o", f"base={base}"]
+        if volatile is not None:
+            args += ["-o", f"volatile={volatile}"]
+        for o in opts:
+            args += ["-o", o]
+        for lab in labels:
+            args += ["--label", lab]
+        args.append(name)
+        res = self.docker(*args, check=False)
+        if check:
+            assert res.returncode == 0, "docker volume create failed:\n" + describe(res)
+            return name
+        return res
+
+    def _run_args(self, name, volumes, binds, extra):
+        args = ["--network", "none", "--name", name]
+        for vol, target in volumes:
+            args += ["-v", f"{vol}:{target}"]
+        for src, target in binds:
+            args += ["-v", f"{src}:{target}"]
+        return args + list(extra)
+
+    def run(self, script, volumes=(), binds=(), extra=(), check=True, timeout=T_RUN):
+        """`docker run --rm` of `sh -e -c script`; returns CompletedProcess."""
+        name = self.new_name("c")
+        self.containers.append(name)
+        res = self.docker(
+            "run",
+            "--rm",
+            *self._run_args(name, volumes, binds, extra),
+            self.image,
+            "sh",
+            "-e",
+            "-c",
+            script,
+            timeout=timeout,
+            check=False,
+        )
+        if check:
+            assert res.returncode == 0, "container failed:\n" + describe(res)
+        return res
+
+    def start(self, script, volumes=(), binds=(), extra=(), check=True, timeout=T_RUN):
+        """`docker run -d`; returns the container name (or the CompletedProcess if check=False)."""
+        name = self.new_name("c")
+        self.containers.append(name)
+        res = self.docker(
+            "run",
+            "-d",
+            *self._run_args(name, volumes, binds, extra),
+            self.image,
+            "sh",
+            "-e",
+            "-c",
+            script,
+            timeout=timeout,
+            check=False,
+        )
+        if check:
+            assert res.returncode == 0, "could not start container:\n" + describe(res)
+            return name
+        res.container = name
+        return res
+
+    def wait(self, name, timeout=T_RUN):
+        """Waits for the container to exit; returns (exit code, its logs).
+
+        `docker wait` returns before dockerd has unmounted the container's
+        volumes; `docker inspect` takes the container lock, which dockerd holds
+        until that clean-up is done, so after it the Unmount calls are over."""
+        rc = int(self.docker("wait", name, timeout=timeout).stdout.strip().splitlines()[-1])
+        self.docker("inspect", "--format", "{{.State.Status}}", name)
+        logs = self.docker("logs", name, check=False)
+        return rc, logs.stdout + logs.stderr
+
+    def rm(self, name):
+        self.docker("rm", "-f", name, timeout=T_RUN)
+
+    @staticmethod
+    def refused(res):
+        """True when `docker run` failed because docker could not set the container up."""
+        return res.returncode == 125 and "Error response from daemon" in res.stderr
+
+    # ---- plugin state on disk
+    def state_dir(self, vol):
+        return self.root / vol
+
+    def mountpoint(self, vol):
+        return self.root / vol / "mountpoint"
+
+    def records(self, vol):
+        d = self.root / vol / "activemounts"
+        return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+    def overlay_mounted(self, vol):
+        ms = mounts_at(self.mountpoint(vol))
+        return bool(ms) and ms[-1]["fstype"] == "overlay"
+
+    def assert_records_truthful(self, vol):
+        """A2: a record in activemounts/ means "in use", so the overlay must be mounted."""
+        recs = self.records(vol)
+        if recs:
+            assert self.overlay_mounted(vol), (
+                f"volume {vol}: activemounts/ holds {recs} but no overlay is mounted at "
+                f"{self.mountpoint(vol)} - a container would get an empty folder.\n"
+                f"mounts there: {mounts_at(self.mountpoint(vol))}"
+            )
+
+    def assert_in_use(self, vol):
+        assert self.records(vol), f"volume {vol} is used by a container but activemounts/ is empty"
+        assert self.overlay_mounted(vol), f"volume {vol} is used by a container but not mounted"
+
+    def assert_idle(self, vol, timeout=10):
+        """Nobody uses the volume: no record, no overlay, no mountpoint/ or workdir/."""
+
+        def idle():
+            return (
+                not self.records(vol)
+                and not mounts_at(self.mountpoint(vol))
+                and not self.mountpoint(vol).exists()
+                and not (self.state_dir(vol) / "workdir").exists()
+            )
+
+        if not wait_until(idle, timeout):
+            raise AssertionError(
+                f"volume {vol} is not idle although no container uses it:\n"
+                f"  activemounts/: {self.records(vol)}\n"
+                f"  mounts at mountpoint: {mounts_at(self.mountpoint(vol))}\n"
+                f"  mountpoint/ exists: {self.mountpoint(vol).exists()}\n"
+                f"  workdir/ exists: {(self.state_dir(vol) / 'workdir').exists()}"
+            )
+
+    def metadata(self, vol):
+        return json.loads((self.state_dir(vol) / "metadata.json").read_text())
+
+    # ---- faults
+    def chattr(self, path, flag):
+        path = Path(path)
+        if flag == "+i":
+            self.immutable.append(path)
+        sh(["chattr", flag, path])
+
+    def spawn(self, args, **kw):
+        p = subprocess.Popen(args, **kw)
+        self.procs.append(p)
+        return p
+
+    # ---- teardown
+    def cleanup(self):
+        notes = []
+        for p in self.immutable:
+            sh(["chattr", "-i", p], check=False)
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        for c in self.containers:
+            r = self.docker("rm", "-f", "-v", c, check=False, timeout=T_RUN)
+            if r.returncode != 0 and "No such container" not in r.stderr:
+                notes.append(f"could not remove container {c}: {r.stderr.strip()}")
+        for v in self.volumes:
+            r = self.docker("volume", "rm", v, check=False, timeout=T_SHORT)
+            if r.returncode != 0 and "no such volume" not in r.stderr.lower():
+                notes.append(f"`docker volume rm {v}` failed at teardown: {r.stderr.strip()}")
+                self.docker("volume", "rm", "-f", v, check=False, timeout=T_SHORT)
+        return notes
+
+
+@pytest.fixture(scope="session")
+def driver_name():
+    """One private driver name for the whole session.
+
+    dockerd caches every legacy plugin it has talked to and, for a volume name
+    it does not know (`docker volume rm/inspect` of a missing volume), asks
+    each of them, retrying a dead one for ~30s.  A new name per test would
+    leave a dead driver behind after every test."""
+    return f"dot-e2e-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def dot(request, dockerd, image, e2e_tmp, driver_name):
+    """The plugin under a private driver name and a fresh state root, plus helpers."""
+    sanitized = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
+    workdir = Path(tempfile.mkdtemp(prefix=sanitized + "-", dir=e2e_tmp))
+    driver = driver_name
+    logdir = log_dir(e2e_tmp)
+    plugin = Plugin(
+        driver,
+        workdir / "root",
+        Path(PLUGIN_DIR) / f"{driver}.sock",
+        logdir / f"{workdir.name}.plugin.log",
+    )
+    h = DotE2E(plugin, image, workdir, dockerd)
+    started = False
+    try:
+        plugin.start()
+        started = True
+        yield h
+    finally:
+        notes = []
+        try:
+            if started and plugin.proc.poll() is not None:
+                # e.g. a test killed it: it must be up so volumes can be removed
+                try:
+                    plugin.start()
+                except BaseException as e:  # pytest.fail: clean up all the same
+                    notes.append(f"could not restart the plugin for the clean-up: {e}")
+            notes += h.cleanup()
+        finally:
+            plugin.stop()
+            left = unmount_all_under(workdir)
+            if left:
+                notes.append(f"could not unmount {[m['mountpoint'] for m in left]}")
+            sh(["chattr", "-R", "-i", workdir], check=False, timeout=60)
+            shutil.rmtree(workdir, ignore_errors=True)
+        failed = any(
+            getattr(getattr(request.node, "dot_rep_" + w, None), "failed", False)
+            for w in ("setup", "call")
+        )
+        if failed or notes or plugin.problems:
+            sys.stderr.write(f"\n===== plugin log ({plugin.log_path}) =====\n{plugin.log()}\n")
+            if dockerd.ours:
+                sys.stderr.write(
+                    "\n===== dockerd log (warnings and errors) =====\n"
+                    f"{dockerd.log_tail(40, important=True)}\n"
+                )
+        for n in notes:
+            sys.stderr.write(f"teardown note: {n}\n")
+        if plugin.problems:
+            pytest.fail("; ".join(plugin.problems), pytrace=False)
