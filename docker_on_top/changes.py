@@ -26,7 +26,6 @@ these functions. Reading `trusted.*` xattrs needs root.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -50,19 +49,6 @@ _OPAQUE_MARKER = ".wh..wh..opq"
 
 _PROGRESS_EVERY = 1000
 _CHUNK = 1 << 20
-
-_MS_RDONLY = 1
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_uint,
-]
 
 
 @dataclass(frozen=True)
@@ -209,12 +195,12 @@ def merge_into(
     view = scratch / "view"
     try:
         view.mkdir()
-        _mount_view([upper, base], view)
+        kernel.mount_read_only_overlay([upper, base], view)
         try:
             _copy_tree(view, scratch / "tree", progress)
         finally:
             kernel.unmount(view, flags=kernel.MNT_DETACH)
-        _rename_noreplace(scratch / "tree", target)
+        kernel.rename_noreplace(scratch / "tree", target)
     finally:
         # Never delete through a view that is somehow still mounted.
         if not kernel.is_mount_point(view):
@@ -533,36 +519,3 @@ def _remove(path: Path) -> None:
 def _empty(directory: Path) -> None:
     for name in os.listdir(directory):
         _remove(directory / name)
-
-
-def _mount_view(layers: list[Path], target: Path) -> None:
-    """Mount the layers, topmost first, as a read-only overlay on `target`.
-
-    kernel.py mounts one lower layer under a writable upper; this needs several lower
-    layers and no upper, so it calls the same libc binding. The features are pinned off as
-    for the volume's own mounts, so that the view is what the containers see.
-    """
-    for layer in layers:
-        if kernel.UNSAFE_OPTION_CHARACTERS & set(str(layer)):
-            raise ValueError(f"path {layer} contains ',' or ':' and cannot be an overlay option")
-    lower = ":".join(kernel._escaped(layer) for layer in layers)
-    options = f"lowerdir={lower},{kernel._PINNED_OFF}"
-    if (
-        kernel._libc.mount(
-            b"docker-on-top", os.fsencode(target), b"overlay", _MS_RDONLY, os.fsencode(options)
-        )
-        != 0
-    ):
-        kernel._raise_errno("mount", target)
-
-
-def _rename_noreplace(source: Path, target: Path) -> None:
-    """rename(2) that fails with EEXIST instead of replacing an (empty) directory."""
-    if (
-        _libc.renameat2(
-            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
-        )
-        != 0
-    ):
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(source), None, str(target))

@@ -19,6 +19,17 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.renameat2.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+]
+
+MS_RDONLY = 1
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
 
 MNT_FORCE = 1
 MNT_DETACH = 2
@@ -40,9 +51,6 @@ def _raise_errno(call: str, path: Path) -> None:
 
 def overlay_options(*, lower: Path, upper: Path, work: Path, volatile: bool) -> str:
     """The option string of an overlay mount; `volatile` skips every sync to disk."""
-    for path in (lower, upper, work):
-        if UNSAFE_OPTION_CHARACTERS & set(str(path)):
-            raise ValueError(f"path {path} contains ',' or ':' and cannot be an overlay option")
     options = (
         f"lowerdir={_escaped(lower)},upperdir={_escaped(upper)},workdir={_escaped(work)},"
         + _PINNED_OFF
@@ -51,6 +59,8 @@ def overlay_options(*, lower: Path, upper: Path, work: Path, volatile: bool) -> 
 
 
 def _escaped(path: Path) -> str:
+    if UNSAFE_OPTION_CHARACTERS & set(str(path)):
+        raise ValueError(f"path {path} contains ',' or ':' and cannot be an overlay option")
     # overlayfs removes backslash escapes from the paths in its options.
     return str(path).replace("\\", "\\\\")
 
@@ -59,17 +69,42 @@ def mount_overlay(
     *, source: str, lower: Path, upper: Path, work: Path, target: Path, volatile: bool
 ) -> None:
     options = overlay_options(lower=lower, upper=upper, work=work, volatile=volatile)
+    _mount("overlay", source, target, 0, options)
+
+
+def mount_read_only_overlay(layers: list[Path], target: Path) -> None:
+    """Mount `layers`, topmost first, as one read-only view with no upper layer.
+
+    The features are pinned off as for the volumes' own mounts, so that the view is
+    what the containers see.
+    """
+    lower = ":".join(_escaped(layer) for layer in layers)
+    _mount("overlay", "docker-on-top", target, MS_RDONLY, f"lowerdir={lower},{_PINNED_OFF}")
+
+
+def _mount(fs_type: str, source: str, target: Path, flags: int, options: str) -> None:
     if (
         _libc.mount(
             os.fsencode(source),
             os.fsencode(target),
-            b"overlay",
-            0,
+            fs_type.encode(),
+            flags,
             os.fsencode(options),
         )
         != 0
     ):
         _raise_errno("mount", target)
+
+
+def rename_noreplace(source: Path, target: Path) -> None:
+    """rename(2) that fails with EEXIST instead of replacing an empty directory."""
+    if (
+        _libc.renameat2(
+            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+        )
+        != 0
+    ):
+        _raise_errno("renameat2", target)
 
 
 def unmount(target: Path, *, flags: int = 0) -> None:
