@@ -1,25 +1,31 @@
-"""The command line: `docker-on-top [serve]` runs the daemon in the foreground."""
+"""The command line: the daemon (`serve`, the default) and commands to see and manage
+a volume's changes. The commands work on the state root directly, with or without a
+running daemon, through the same driver, and take the volume's lock to change it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from pathlib import Path
 
 from . import __version__
 from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
-from .driver import Driver
+from .driver import Driver, Progress, VolumeDetails
 from .errors import PluginError
 from .server import PluginServer, StartupError
 
 log = logging.getLogger("docker_on_top")
 
 
-def _add_serve_options(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: an option given before `serve` is not overwritten by the subcommand's default.
+def _add_location_options(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: an option given before the subcommand is not overwritten by its default.
     parser.add_argument(
         "--name",
         default=argparse.SUPPRESS,
@@ -30,6 +36,10 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help=f"state root (default /var/lib/NAME; env {ENVIRONMENT['root']})",
     )
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    _add_location_options(parser)
     parser.add_argument(
         "--socket",
         default=argparse.SUPPRESS,
@@ -52,8 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_serve_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary)
+        _add_location_options(sub)
+        return sub
+
     serve = commands.add_parser("serve", help="run the plugin daemon in the foreground (default)")
     _add_serve_options(serve)
+    ls = command("ls", "list the volumes with their base, use and size of changes")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    inspect = command("inspect", "print everything known about a volume, as JSON")
+    inspect.add_argument("volume")
+    diff = command(
+        "diff", "list a volume's changes against its base (A added, C changed, D deleted)"
+    )
+    diff.add_argument("volume")
+    diff.add_argument("--json", action="store_true", help="print JSON")
+    export = command("export", "write a volume's changes as an OCI image-layer tar")
+    export.add_argument("volume")
+    export.add_argument("-o", "--output", default="-", help="file to write, or - for stdout")
+    reset = command("reset", "throw all of a volume's changes away")
+    reset.add_argument("volume")
+    commit = command("commit", "write a volume's merged content somewhere, or onto its base")
+    commit.add_argument("volume")
+    target = commit.add_mutually_exclusive_group(required=True)
+    target.add_argument("--into", metavar="DIR", type=Path, help="a new folder to create")
+    target.add_argument(
+        "--into-base", action="store_true", help="apply the changes onto the base itself"
+    )
+    commit.add_argument("--yes", action="store_true", help="do not ask before changing the base")
     return parser
 
 
@@ -92,11 +130,138 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    arguments = vars(build_parser().parse_args(argv))
+# --- volume commands ------------------------------------------------------------------
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _print_table(volumes: Sequence[VolumeDetails]) -> None:
+    rows = [("NAME", "BASE", "VOLATILE", "IN USE", "CHANGES")]
+    rows += [
+        (
+            v.name,
+            v.base,
+            "yes" if v.volatile else "no",
+            str(sum(v.mounts.values())),
+            _human_size(v.changes_bytes),
+        )
+        for v in volumes
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(
+            "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]
+        )
+
+
+def _terminal_progress(verb: str) -> Progress | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(entries: int) -> None:
+        print(f"\r{verb} {entries} entries", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _export(driver: Driver, volume: str, output: str) -> None:
+    if output == "-":
+        if sys.stdout.isatty():
+            raise SystemExit("docker-on-top: refusing to write a tar to a terminal; use -o FILE")
+        driver.export(volume, sys.stdout.buffer)
+        return
+    # Written aside and renamed at the end: a failure leaves no half-written file.
+    target = Path(output)
+    partial = target.with_name(f".{target.name}.partial")
     try:
-        settings = Settings.resolve(arguments, os.environ)
+        with open(partial, "wb") as out:
+            driver.export(volume, out)
+        partial.rename(target)
+    finally:
+        with suppress(FileNotFoundError):
+            partial.unlink()
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    answer = input(f"{question} [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _commit(driver: Driver, arguments: argparse.Namespace) -> int:
+    if arguments.into is not None:
+        driver.commit_into(
+            arguments.volume, arguments.into.absolute(), _terminal_progress("copied")
+        )
+        return 0
+    base = driver.details(arguments.volume).base
+    if not arguments.yes and not _confirm(
+        f"Apply the changes of volume {arguments.volume} onto {base}? This changes the base."
+    ):
+        print("docker-on-top: not confirmed; nothing changed (use --yes)", file=sys.stderr)
+        return 1
+    driver.commit_into_base(arguments.volume, _terminal_progress("applied"))
+    return 0
+
+
+def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
+    setup_logging("warning")
+    driver = Driver(settings.root)
+    if not settings.root.is_dir():
+        print(f"docker-on-top: no state root at {settings.root}", file=sys.stderr)
+        return 1
+    commands: dict[str, Callable[[], int | None]] = {
+        "ls": lambda: _ls(driver, arguments.json),
+        "inspect": lambda: print(json.dumps(driver.details(arguments.volume).to_json(), indent=2)),
+        "diff": lambda: _diff(driver, arguments.volume, arguments.json),
+        "export": lambda: _export(driver, arguments.volume, arguments.output),
+        "reset": lambda: driver.reset(arguments.volume),
+        "commit": lambda: _commit(driver, arguments),
+    }
+    try:
+        return commands[arguments.command]() or 0
+    except PluginError as error:
+        subject = getattr(arguments, "volume", None)
+        print(f"docker-on-top: {subject + ': ' if subject else ''}{error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _ls(driver: Driver, as_json: bool) -> None:
+    volumes = driver.all_details()
+    if as_json:
+        print(json.dumps([v.to_json() for v in volumes], indent=2))
+    else:
+        _print_table(volumes)
+
+
+def _diff(driver: Driver, volume: str, as_json: bool) -> None:
+    found = driver.diff(volume)
+    if as_json:
+        print(json.dumps([{"Kind": c.kind, "Path": c.path} for c in found], indent=2))
+    else:
+        for change in found:
+            print(change.kind, change.path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        settings = Settings.resolve(vars(arguments), os.environ)
     except SettingsError as error:
         print(f"docker-on-top: {error}", file=sys.stderr)
         return 2
-    return serve(settings)
+    if arguments.command in (None, "serve"):
+        return serve(settings)
+    return run_command(settings, arguments)

@@ -12,16 +12,20 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from . import kernel
+from . import changes, kernel
 from .errors import InternalError, UserError
 from .volume import NAME_MAX_BYTES, NAME_PATTERN, Metadata, Volume, rfc3339
 
 log = logging.getLogger(__name__)
+
+# Called with the number of entries copied so far during long work.
+Progress = Callable[[int], None]
 
 NO_SUCH_VOLUME = "no such volume"
 OPTIONS = ("base", "volatile")
@@ -40,6 +44,32 @@ class VolumeInfo:
     mountpoint: str  # empty while the volume is not mounted
     created_at: str  # empty when unknown
     status: Mapping[str, object]  # shown by `docker volume inspect`; empty in List
+
+
+@dataclass(frozen=True)
+class VolumeDetails:
+    """Everything known about one volume, for the command line."""
+
+    name: str
+    base: str
+    volatile: bool
+    created_at: str
+    mountpoint: str
+    mounted: bool  # what the kernel's mount table says
+    mounts: Mapping[str, int]  # usage count by mount ID: the records
+    changes_bytes: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "Name": self.name,
+            "Base": self.base,
+            "Volatile": self.volatile,
+            "CreatedAt": self.created_at,
+            "Mountpoint": self.mountpoint,
+            "Mounted": self.mounted,
+            "Mounts": dict(self.mounts),
+            "ChangesBytes": self.changes_bytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -312,6 +342,104 @@ class Driver:
                 sum(pending.values()),
             )
             self._unreleased[volume.name] = Counter(pending)
+
+    # --- the volume's changes (command line) -------------------------------------------
+
+    def details(self, name: str) -> VolumeDetails:
+        volume = self._volume(name)
+        metadata = self._metadata(volume)
+        try:
+            return VolumeDetails(
+                name=name,
+                base=metadata.base_dir,
+                volatile=metadata.volatile,
+                created_at=volume.created_at(metadata),
+                mountpoint=str(volume.mountpoint),
+                mounted=kernel.is_mount_point(volume.mountpoint),
+                mounts={i: self._usage_count(volume, i) or 0 for i in volume.records.ids()},
+                changes_bytes=changes.changes_size(volume.upper),
+            )
+        except OSError as error:
+            raise InternalError(f"failed to read volume {name}", error) from error
+
+    def all_details(self) -> Sequence[VolumeDetails]:
+        return [self.details(volume.name) for volume in self._volumes()]
+
+    def diff(self, name: str) -> Sequence[changes.Change]:
+        volume = self._volume(name)
+        metadata = self._metadata(volume)
+        try:
+            return changes.diff(volume.upper, Path(metadata.base_dir))
+        except OSError as error:
+            raise InternalError("failed to read the volume's changes", error) from error
+
+    def export(self, name: str, out: BinaryIO) -> None:
+        volume = self._volume(name)
+        self._metadata(volume)
+        try:
+            changes.export_layer(volume.upper, out)
+        except (OSError, ValueError) as error:
+            raise InternalError("failed to export the volume's changes", error) from error
+
+    def reset(self, name: str) -> None:
+        volume = self._volume(name)
+        with self._unused(volume):
+            try:
+                volume.discard_changes()
+            except OSError as error:
+                raise InternalError("failed to throw the changes away", error) from error
+        log.info("volume %s: changes thrown away", name)
+
+    def commit_into(self, name: str, target: Path, progress: Progress | None = None) -> None:
+        """Write the volume's merged content (base and changes) into the new folder `target`."""
+        volume = self._volume(name)
+        metadata = self._metadata(volume)
+        with self._unused(volume):
+            try:
+                changes.merge_into(volume.upper, Path(metadata.base_dir), target, progress=progress)
+            except FileExistsError:
+                raise UserError(f"{target} exists already; name a new folder") from None
+            except ValueError as error:
+                raise UserError(str(error)) from None
+            except OSError as error:
+                raise InternalError(f"failed to write {target}", error) from error
+        log.info("volume %s: merged content written to %s", name, target)
+
+    def commit_into_base(self, name: str, progress: Progress | None = None) -> None:
+        """Apply the changes onto the base itself, then start the volume afresh from it."""
+        volume = self._volume(name)
+        metadata = self._metadata(volume)
+        with self._unused(volume):
+            try:
+                changes.apply_to_base(volume.upper, Path(metadata.base_dir), progress=progress)
+                volume.discard_changes()
+            except OSError as error:
+                raise InternalError(
+                    f"failed to apply the changes onto {metadata.base_dir} (running the "
+                    "command again finishes the job)",
+                    error,
+                ) from error
+        log.info("volume %s: changes applied onto %s", name, metadata.base_dir)
+
+    @contextmanager
+    def _unused(self, volume: Volume) -> Iterator[None]:
+        """Hold the volume's lock while nobody uses it; refuse when somebody does."""
+        with self._locked(volume):
+            self._retry_unreleased(volume)
+            try:
+                users = volume.records.ids()
+            except OSError as error:
+                raise InternalError("failed to read the volume's usage records", error) from error
+            if users:
+                raise UserError(
+                    f"volume {volume.name} is in use ({len(users)} mount(s)); "
+                    "stop the containers that use it first"
+                )
+            try:
+                self._detach_everything(volume)
+            except OSError as error:
+                raise InternalError("failed to detach a stray overlay", error) from error
+            yield
 
     # --- helpers ----------------------------------------------------------------------
 

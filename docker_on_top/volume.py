@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import kernel
+from . import changes, kernel
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,4 @@ class Volume:
             shutil.rmtree(self.workdir)
 
     def discard_changes(self) -> None:
-        with suppress(FileNotFoundError):
-            shutil.rmtree(self.upper)
-        self.upper.mkdir()
+        changes.reset(self.upper)
