@@ -471,6 +471,15 @@ def plugin_call(sock_path, endpoint, body=None, timeout=10):
         conn.close()
 
 
+def plugin_environment():
+    """The environment that runs the plugin's package from PLUGIN_SOURCE."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(PLUGIN_SOURCE) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    return env
+
+
 class Plugin:
     def __init__(self, name, root: Path, socket_path: Path, log_path: Path):
         self.name = name
@@ -498,10 +507,7 @@ class Plugin:
         ]
 
     def start(self, timeout=30):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(PLUGIN_SOURCE) + (
-            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-        )
+        env = plugin_environment()
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n===== e2e harness: starting {shlex.join(self.cmd)}\n".encode())
@@ -589,6 +595,7 @@ class DotE2E:
         base = self.workdir / "bases" / f"base{self._n}"
         base.mkdir(parents=True)
         for k, v in ({"a": "123", "b": "456"} if files is None else files).items():
+            (base / k).parent.mkdir(parents=True, exist_ok=True)
             (base / k).write_text(v + "\n")
         return base
 
@@ -689,6 +696,19 @@ class DotE2E:
     def refused(res):
         """True when `docker run` failed because docker could not set the container up."""
         return res.returncode == 125 and "Error response from daemon" in res.stderr
+
+    def cli(self, *args, check=True):
+        """The plugin's command line on this test's state root; output as bytes."""
+        res = subprocess.run(
+            [sys.executable, "-m", "docker_on_top", *args, "--root", str(self.root)],
+            cwd=PLUGIN_SOURCE,
+            env=plugin_environment(),
+            capture_output=True,
+            timeout=T_SHORT,
+        )
+        if check and res.returncode != 0:
+            raise CommandError(f"docker-on-top {args} failed: {res.stderr.decode()}")
+        return res
 
     # ---- plugin state on disk
     def state_dir(self, vol):
