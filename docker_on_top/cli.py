@@ -11,11 +11,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
-from . import __version__
+from . import __version__, docker_api
 from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
 from .driver import Driver, Progress, VolumeDetails
 from .errors import PluginError
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--into-base", action="store_true", help="apply the changes onto the base itself"
     )
     commit.add_argument("--yes", action="store_true", help="do not ask before changing the base")
+    doctor = command(
+        "doctor", "find volumes whose records disagree with the mount table or with dockerd"
+    )
+    doctor.add_argument("volume", nargs="?", help="only this volume")
+    doctor.add_argument("--fix", action="store_true", help="release what no live container can own")
     return parser
 
 
@@ -122,12 +128,28 @@ def serve(settings: Settings) -> int:
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
+    # In the background: dockerd may itself be waiting for this plugin to answer.
+    threading.Thread(
+        target=_report_stuck_volumes, args=(driver, settings.name), daemon=True
+    ).start()
     log.info(
         "serving driver %s on %s (state root %s)", settings.name, settings.socket, settings.root
     )
     server.serve()
     log.info("stopped; volumes in use stay mounted")
     return 0
+
+
+def _report_stuck_volumes(driver: Driver, driver_name: str) -> None:
+    try:
+        findings = driver.doctor(None, docker_api.volume_users(driver_name), fix=False)
+    except PluginError as error:
+        log.warning("start-up check of the volumes failed: %s", error)
+        return
+    for finding in findings:
+        log.warning(
+            "volume %s: %s (see `docker-on-top doctor --fix`)", finding.volume, finding.problem
+        )
 
 
 # --- volume commands ------------------------------------------------------------------
@@ -225,6 +247,7 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         "export": lambda: _export(driver, arguments.volume, arguments.output),
         "reset": lambda: driver.reset(arguments.volume),
         "commit": lambda: _commit(driver, arguments),
+        "doctor": lambda: _doctor(driver, settings.name, arguments),
     }
     try:
         return commands[arguments.command]() or 0
@@ -236,6 +259,21 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         # The reader (e.g. `| head`) went away; say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _doctor(driver: Driver, driver_name: str, arguments: argparse.Namespace) -> int:
+    users = docker_api.volume_users(driver_name)
+    if users is None:
+        print(
+            "docker-on-top: dockerd does not answer; checking against the mount table only",
+            file=sys.stderr,
+        )
+    findings = driver.doctor(arguments.volume, users, fix=arguments.fix)
+    for finding in findings:
+        print(f"{finding.volume}: {finding.problem}{' [fixed]' if finding.fixed else ''}")
+    if not findings:
+        print("no problem found")
+    return 1 if any(not finding.fixed for finding in findings) else 0
 
 
 def _ls(driver: Driver, as_json: bool) -> None:

@@ -12,7 +12,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +70,15 @@ class VolumeDetails:
             "Mounts": dict(self.mounts),
             "ChangesBytes": self.changes_bytes,
         }
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A disagreement between a volume's records, the kernel and dockerd."""
+
+    volume: str
+    problem: str
+    fixed: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,7 @@ class Driver:
             "created volume %s on %s (volatile: %s)", name, metadata.base_dir, metadata.volatile
         )
 
-    def list(self) -> list[VolumeInfo]:
+    def list_volumes(self) -> list[VolumeInfo]:
         return [self._info(volume) for volume in self._volumes()]
 
     def get(self, name: str) -> VolumeInfo:
@@ -362,10 +371,10 @@ class Driver:
         except OSError as error:
             raise InternalError(f"failed to read volume {name}", error) from error
 
-    def all_details(self) -> Sequence[VolumeDetails]:
+    def all_details(self) -> list[VolumeDetails]:
         return [self.details(volume.name) for volume in self._volumes()]
 
-    def diff(self, name: str) -> Sequence[changes.Change]:
+    def diff(self, name: str) -> list[changes.Change]:
         volume = self._volume(name)
         metadata = self._metadata(volume)
         try:
@@ -420,6 +429,75 @@ class Driver:
                     error,
                 ) from error
         log.info("volume %s: changes applied onto %s", name, metadata.base_dir)
+
+    # --- stuck volumes ------------------------------------------------------------------
+
+    def doctor(
+        self, name: str | None, users: Mapping[str, int] | None, *, fix: bool
+    ) -> list[Finding]:
+        """Compare each volume's records with the mount table and, when `users` is known
+        (live containers per volume, from dockerd), with the containers.
+
+        With `fix`, releases what nothing can own: a mounted overlay without records,
+        and the records of a volume no live container uses. A volume a live container
+        uses is never unmounted.
+        """
+        volumes = [self._volume(name)] if name is not None else list(self._volumes())
+        findings: list[Finding] = []
+        for volume in volumes:
+            if not volume.exists():
+                raise UserError(NO_SUCH_VOLUME)
+            with self._locked(volume):
+                try:
+                    findings += self._examine(volume, users, fix=fix)
+                except OSError as error:
+                    findings.append(Finding(volume.name, f"cannot be examined: {error}"))
+        return findings
+
+    def _examine(
+        self, volume: Volume, users: Mapping[str, int] | None, *, fix: bool
+    ) -> list[Finding]:
+        ids = volume.records.ids()
+        mounted = kernel.is_mount_point(volume.mountpoint)
+        live = None if users is None else users.get(volume.name, 0)
+        pending = volume.read_unreleased() if volume.unreleased_path.exists() else {}
+        if pending:
+            self._unreleased[volume.name] = Counter(pending)
+        if not ids:
+            if not mounted:
+                return []
+            if fix:
+                self._unmount_overlay(volume)
+            return [Finding(volume.name, "an overlay is mounted but no record uses it", fix)]
+        if live == 0:
+            problem = (
+                f"{len(ids)} usage record(s) but no live container uses it "
+                "(its Unmount was lost, e.g. the plugin was down when a container stopped)"
+            )
+            if fix:
+                volume.records.clear()
+                volume.write_unreleased({})
+                self._unreleased.pop(volume.name, None)
+                self._unmount_overlay(volume)
+            return [Finding(volume.name, problem, fix)]
+        findings = []
+        if not mounted:
+            findings.append(
+                Finding(volume.name, f"{len(ids)} usage record(s) but no overlay is mounted")
+            )
+        if live is not None and len(ids) > live:
+            findings.append(
+                Finding(
+                    volume.name,
+                    f"{len(ids)} usage records for {live} live container(s); "
+                    "some may be stale, but which cannot be told",
+                )
+            )
+        if pending:
+            findings.append(
+                Finding(volume.name, f"releases still to apply at its next use: {pending}")
+            )
+        return findings
 
     @contextmanager
     def _unused(self, volume: Volume) -> Iterator[None]:

@@ -60,7 +60,7 @@ class VolumeDriver(Protocol):
     def path(self, name: str) -> str: ...
     def mount(self, name: str, mount_id: str) -> str: ...
     def unmount(self, name: str, mount_id: str) -> None: ...
-    def list(self) -> Sequence[Mountable]: ...
+    def list_volumes(self) -> Sequence[Mountable]: ...
 
 
 class BadRequest(Exception):
@@ -126,7 +126,9 @@ def build_routes(driver: VolumeDriver) -> dict[str, Handler]:
         "/Plugin.Activate": lambda _: {"Implements": ["VolumeDriver"]},
         "/VolumeDriver.Capabilities": lambda _: {"Capabilities": {"Scope": driver.capabilities()}},
         "/VolumeDriver.Create": create,
-        "/VolumeDriver.List": lambda _: {"Volumes": [_volume_json(v) for v in driver.list()]},
+        "/VolumeDriver.List": lambda _: {
+            "Volumes": [_volume_json(v) for v in driver.list_volumes()]
+        },
         "/VolumeDriver.Get": lambda body: {
             "Volume": _volume_json(driver.get(_string_field(body, "Name")))
         },

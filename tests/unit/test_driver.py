@@ -156,7 +156,7 @@ def test_list_shows_only_volume_folders(driver: Driver, base: Path) -> None:
     make_volume(driver, base, "two")
     (driver.root / ".hidden").mkdir()
     (driver.root / "file").touch()
-    assert [info.name for info in driver.list()] == ["one", "two"]
+    assert [info.name for info in driver.list_volumes()] == ["one", "two"]
 
 
 def test_mountpoint_is_reported_only_while_in_use(driver: Driver, base: Path) -> None:
@@ -164,7 +164,7 @@ def test_mountpoint_is_reported_only_while_in_use(driver: Driver, base: Path) ->
     assert driver.get("v").mountpoint == ""
     driver.mount("v", ID_A)
     assert driver.get("v").mountpoint == f"{folder}/mountpoint/"
-    assert driver.list()[0].mountpoint == f"{folder}/mountpoint/"
+    assert driver.list_volumes()[0].mountpoint == f"{folder}/mountpoint/"
     driver.unmount("v", ID_A)
     assert driver.get("v").mountpoint == ""
 
@@ -491,7 +491,7 @@ def test_get_reports_the_status_docker_volume_inspect_shows(driver: Driver, base
     driver.mount("v", ID_B)
     status = driver.get("v").status
     assert (status["Mounted"], status["ActiveMounts"]) == (True, 3)
-    assert driver.list()[0].status == {}
+    assert driver.list_volumes()[0].status == {}
 
 
 def test_a_failed_release_survives_a_restart(root: Path, base: Path) -> None:
@@ -509,3 +509,64 @@ def test_a_failed_release_survives_a_restart(root: Path, base: Path) -> None:
     assert records(folder) == {ID_B: 1}
     assert not (folder / "mountpoint" / "c").exists()
     assert not (folder / "unreleased.json").exists()
+
+
+# --- doctor ---------------------------------------------------------------------------
+
+
+def test_doctor_finds_nothing_wrong_with_a_healthy_volume(driver: Driver, base: Path) -> None:
+    make_volume(driver, base)
+    driver.mount("v", ID_A)
+    assert driver.doctor(None, {"v": 1}, fix=True) == []
+    assert driver.doctor(None, None, fix=True) == []
+
+
+def test_doctor_releases_records_no_live_container_owns(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base, volatile=True)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("stuck")
+    (finding,) = driver.doctor(None, {}, fix=False)
+    assert "no live container" in finding.problem
+    assert not finding.fixed
+    assert mounted(folder)
+    (finding,) = driver.doctor("v", {"other": 2}, fix=True)
+    assert finding.fixed
+    assert records(folder) == {}
+    assert not mounted(folder)
+    driver.mount("v", ID_B)
+    assert not (folder / "mountpoint" / "c").exists()
+
+
+def test_doctor_never_releases_a_volume_a_live_container_uses(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    driver.mount("v", ID_B)
+    (finding,) = driver.doctor(None, {"v": 1}, fix=True)
+    assert "some may be stale" in finding.problem
+    assert not finding.fixed
+    assert records(folder) == {ID_A: 1, ID_B: 1}
+    assert mounted(folder)
+
+
+def test_doctor_detaches_an_overlay_without_records(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    (folder / "activemounts" / ID_A).unlink()
+    (finding,) = driver.doctor(None, None, fix=True)
+    assert "no record" in finding.problem
+    assert finding.fixed
+    assert mounts_under(folder) == []
+
+
+def test_doctor_reports_records_without_an_overlay(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    subprocess.run(["umount", str(folder / "mountpoint")], check=True)
+    (finding,) = driver.doctor(None, None, fix=True)
+    assert "no overlay is mounted" in finding.problem
+    assert not finding.fixed
+
+
+def test_doctor_of_a_missing_volume_says_so(driver: Driver) -> None:
+    with pytest.raises(UserError, match="no such volume"):
+        driver.doctor("missing", None, fix=False)

@@ -1,0 +1,49 @@
+"""Stuck volumes: an Unmount that never came, found and released by `doctor`."""
+
+import pytest
+
+from .conftest import plugin_call, wait_until
+
+pytestmark = pytest.mark.e2e
+
+LEAKED_ID = "f" * 64
+
+
+def test_doctor_releases_a_leaked_mount_and_spares_a_volume_in_use(dot):
+    base = dot.make_base()
+    stuck = dot.create_volume(base, volatile="true")
+    busy = dot.create_volume(dot.make_base())
+    # A client that abandons a Mount (as Podman does after its 5 s timeout) never
+    # sends the Unmount: the volume stays mounted with a record nobody owns.
+    status, reply = plugin_call(
+        dot.plugin.socket, "/VolumeDriver.Mount", {"Name": stuck, "ID": LEAKED_ID}
+    )
+    assert status == 200, reply
+    (dot.mountpoint(stuck) / "left-behind").write_text("stale\n")
+    user = dot.start("sleep 600", volumes=[(busy, "/dot")])
+
+    dot.plugin.stop()
+    dot.plugin.start()
+    assert wait_until(lambda: "doctor --fix" in dot.plugin.log(), 10), dot.plugin.log()
+    assert stuck in dot.plugin.log()
+
+    report = dot.cli("doctor", "--name", dot.driver, check=False)
+    assert report.returncode == 1
+    lines = report.stdout.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{stuck}: ") and "no live container" in lines[0]
+    assert dot.records(stuck) == [LEAKED_ID]
+
+    fixed = dot.cli("doctor", "--fix", "--name", dot.driver)
+    assert fixed.stdout.decode().strip().endswith("[fixed]")
+    dot.assert_idle(stuck)
+    dot.assert_in_use(busy)
+    assert (
+        dot.cli("doctor", "--name", dot.driver, check=False).stdout.decode().strip()
+        == "no problem found"
+    )
+
+    res = dot.run("ls /dot", volumes=[(stuck, "/dot")])
+    assert res.stdout.split() == ["a", "b"]  # volatile: the stale change is gone
+    dot.rm(user)
+    dot.assert_idle(busy)
