@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -101,12 +102,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_JOURNAL_PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """journald adds its own timestamps and reads the level from a `<N>` prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _JOURNAL_PRIORITIES.get(record.levelname, 6)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def _stderr_is_journal() -> bool:
+    # systemd sets JOURNAL_STREAM to the device:inode of the stream it connects to.
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        found = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{found.st_dev}:{found.st_ino}"
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if _stderr_is_journal():
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+_SD_LISTEN_FDS_START = 3
+
+
+def _inherited_socket() -> socket.socket | None:
+    """The listening socket systemd passed (LISTEN_FDS/LISTEN_PID), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(variable, None)  # not for our children
+    if count < 1:
+        return None
+    if count > 1:
+        log.warning("systemd passed %d sockets; serving on the first only", count)
+    return socket.socket(fileno=_SD_LISTEN_FDS_START)
 
 
 def serve(settings: Settings) -> int:
@@ -116,7 +156,12 @@ def serve(settings: Settings) -> int:
     try:
         # Bind first: a second instance must be refused before its recovery touches
         # the state of the first. Requests wait in the listen queue meanwhile.
-        server.bind()
+        inherited = _inherited_socket()
+        if inherited is None:
+            server.bind()
+        else:
+            server.adopt(inherited)
+            log.info("serving on the socket passed by systemd")
     except (StartupError, OSError) as error:
         log.error("cannot start: %s", error)
         return 1

@@ -320,6 +320,15 @@ class PluginServer:
         self._socket_inode = path.stat().st_ino
         self._listener = listener
 
+    def adopt(self, listener: socket.socket) -> None:
+        """Serve on a listening socket made by someone else (systemd socket activation).
+
+        Its file belongs to its maker: it is never removed here.
+        """
+        if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+            raise StartupError("the inherited socket is not a unix stream socket")
+        self._listener = listener
+
     def request_stop(self) -> None:
         """Ask `serve` to stop; safe from a signal handler and from any thread."""
         with suppress(BlockingIOError):  # a wake-up is already pending
@@ -423,6 +432,8 @@ class PluginServer:
 
     def _remove_own_socket(self) -> None:
         # A second instance may have replaced our socket file meanwhile; leave theirs alone.
+        if not self._socket_inode:
+            return  # adopted, not ours
         try:
             if self.socket_path.stat().st_ino == self._socket_inode:
                 self.socket_path.unlink()
