@@ -1,6 +1,7 @@
-"""The command line: the daemon (`serve`, the default) and commands to see and manage
-a volume's changes. The commands work on the state root directly, with or without a
-running daemon, through the same driver, and take the volume's lock to change it.
+"""The command line: the daemon (`serve`, the default), commands to see and manage
+a volume's changes, and `install-systemd`. The volume commands work on the state root
+directly, with or without a running daemon, through the same driver, and take the
+volume's lock to change it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
-from . import __version__, docker_api
+from . import __version__, docker_api, systemd
 from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
 from .driver import Driver, Progress, VolumeDetails
 from .errors import PluginError
@@ -99,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("volume", nargs="?", help="only this volume")
     doctor.add_argument("--fix", action="store_true", help="release what no live container can own")
+    install = commands.add_parser(
+        "install-systemd",
+        help="install and enable the systemd units (socket activation)",
+        description=(
+            "Write docker-on-top.socket and docker-on-top.service into /etc/systemd/system, "
+            "with ExecStart running this installation, then `systemctl daemon-reload` and "
+            "`systemctl enable --now docker-on-top.socket` when systemd runs."
+        ),
+    )
+    install.add_argument(
+        "--prefix",
+        type=Path,
+        help="write under PREFIX/etc/systemd/system instead and run no systemctl (packaging)",
+    )
+    install.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the units and what would be done; change nothing",
+    )
     return parser
 
 
@@ -347,4 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if arguments.command in (None, "serve"):
         return serve(settings)
+    if arguments.command == "install-systemd":
+        return systemd.install(settings, arguments.prefix, arguments.dry_run)
     return run_command(settings, arguments)

@@ -33,6 +33,9 @@ _TRUE_WORDS = frozenset({"true", "yes"})
 _FALSE_WORDS = frozenset({"false", "no"})
 # dockerd's mount IDs are 64 hex digits; anything that is one plain file name is accepted.
 MOUNT_ID_PATTERN = NAME_PATTERN
+# Podman sends this one mount ID for all its containers (libpod's pseudoCtrID) and
+# counts its users itself.
+PODMAN_MOUNT_ID = "2f73349cfc4630255319c6c8dfc1b46a8996ace9d14d8e07563b165915918ec2"
 # Removing a volume detaches mounts stacked on its mountpoint by earlier failures; a
 # bound keeps a mountpoint that refuses to become free from looping forever.
 _MAX_STACKED_MOUNTS = 16
@@ -459,7 +462,6 @@ class Driver:
     ) -> list[Finding]:
         ids = volume.records.ids()
         mounted = kernel.is_mount_point(volume.mountpoint)
-        live = None if users is None else users.get(volume.name, 0)
         pending = volume.read_unreleased() if volume.unreleased_path.exists() else {}
         if pending:
             self._unreleased[volume.name] = Counter(pending)
@@ -469,31 +471,40 @@ class Driver:
             if fix:
                 self._unmount_overlay(volume)
             return [Finding(volume.name, "an overlay is mounted but no record uses it", fix)]
-        if live == 0:
-            problem = (
-                f"{len(ids)} usage record(s) but no live container uses it "
-                "(its Unmount was lost, e.g. the plugin was down when a container stopped)"
-            )
-            if fix:
-                volume.records.clear()
-                volume.write_unreleased({})
-                self._unreleased.pop(volume.name, None)
-                self._unmount_overlay(volume)
-            return [Finding(volume.name, problem, fix)]
         findings = []
         if not mounted:
             findings.append(
                 Finding(volume.name, f"{len(ids)} usage record(s) but no overlay is mounted")
             )
-        if live is not None and len(ids) > live:
+        # dockerd's containers can only vouch for dockerd's mount IDs.
+        docker_ids = [mount_id for mount_id in ids if mount_id != PODMAN_MOUNT_ID]
+        live = None if users is None else users.get(volume.name, 0)
+        if live == 0 and docker_ids:
+            if fix:
+                for mount_id in docker_ids:
+                    volume.records.remove(mount_id)
+                    self._unreleased.get(volume.name, Counter()).pop(mount_id, None)
+                    pending.pop(mount_id, None)
+                volume.write_unreleased(pending)
+                if not volume.records.in_use():
+                    self._unmount_overlay(volume)
             findings.append(
                 Finding(
                     volume.name,
-                    f"{len(ids)} usage records for {live} live container(s); "
+                    f"{len(docker_ids)} usage record(s) but no live container uses it (its "
+                    "Unmount was lost, e.g. the plugin was down when a container stopped)",
+                    fix,
+                )
+            )
+        elif live is not None and len(docker_ids) > live:
+            findings.append(
+                Finding(
+                    volume.name,
+                    f"{len(docker_ids)} usage records for {live} live container(s); "
                     "some may be stale, but which cannot be told",
                 )
             )
-        if pending:
+        if pending and not fix:
             findings.append(
                 Finding(volume.name, f"releases still to apply at its next use: {pending}")
             )

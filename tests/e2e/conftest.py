@@ -24,7 +24,9 @@ What the fixtures do:
   private driver name with a private state root, and hands the test a
   ``DotE2E`` object with helpers.  At teardown it removes every container and
   volume the test made, stops the plugin by PID, unmounts what is left under
-  its root and deletes its folders - also when the test failed.
+  its root and deletes its folders - also when the test failed.  It builds the
+  plugin with the ``plugin_class`` fixture (default ``Plugin``), which a test
+  module may override to run the plugin another way.
 
 Everything here talks to docker through the ``docker`` CLI (subprocess, with
 a timeout on every call).  Nothing is ever stopped by name: only processes this
@@ -275,6 +277,16 @@ def e2e_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def apt_install(packages, *, recommends=True):
+    """Installs Debian packages; callers ask only for what is missing."""
+    if not shutil.which("apt-get"):
+        pytest.fail(f"missing tools and no apt-get to install {packages}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    sh(["apt-get", "update"], timeout=600, env=env)
+    extra = [] if recommends else ["--no-install-recommends"]
+    sh(["apt-get", "install", "-y", *extra, *packages], timeout=900, env=env)
+
+
 @pytest.fixture(scope="session")
 def host_tools():
     """Installs the Debian packages the tests need, only when something is missing."""
@@ -287,12 +299,8 @@ def host_tools():
     if not shutil.which("chattr"):
         need.append("e2fsprogs")
     if need:
-        if not shutil.which("apt-get"):
-            pytest.fail(f"missing tools and no apt-get to install {need}")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        sh(["apt-get", "update"], timeout=600, env=env)
         # with recommends: docker.io needs apparmor (on AppArmor kernels) and cgroupfs-mount
-        sh(["apt-get", "install", "-y", *need], timeout=900, env=env)
+        apt_install(need)
     bb = find_static_busybox()
     if not bb:
         pytest.fail("no statically linked busybox found even after installing busybox-static")
@@ -401,12 +409,9 @@ def dockerd(host_tools, e2e_tmp):
         d.stop()
 
 
-@pytest.fixture(scope="session")
-def image(dockerd, host_tools, e2e_tmp):
-    """A busybox-only image made with `docker import`; removed at the end."""
-    bb = host_tools["busybox"]
+def write_busybox_rootfs(bb, tar_path):
+    """A root filesystem tar of the static busybox `bb` and its applets, for `import`."""
     applets = sh([bb, "--list"]).stdout.split()
-    tar_path = e2e_tmp / "image.tar"
     with tarfile.open(tar_path, "w") as tar:
         for d in ("bin", "tmp", "etc", "proc", "sys", "dev"):
             ti = tarfile.TarInfo(d)
@@ -421,6 +426,13 @@ def image(dockerd, host_tools, e2e_tmp):
             ti.type = tarfile.SYMTYPE
             ti.linkname = "busybox"
             tar.addfile(ti)
+
+
+@pytest.fixture(scope="session")
+def image(dockerd, host_tools, e2e_tmp):
+    """A busybox-only image made with `docker import`; removed at the end."""
+    tar_path = e2e_tmp / "image.tar"
+    write_busybox_rootfs(host_tools["busybox"], tar_path)
     tag = f"dot-e2e-busybox:{secrets.token_hex(4)}"
     sh(["docker", "import", tar_path, tag], timeout=120)
     tar_path.unlink()
@@ -807,13 +819,19 @@ def driver_name():
 
 
 @pytest.fixture
-def dot(request, dockerd, image, e2e_tmp, driver_name):
+def plugin_class():
+    """How `dot` runs the plugin; a test module may override this fixture with a subclass."""
+    return Plugin
+
+
+@pytest.fixture
+def dot(request, dockerd, image, e2e_tmp, driver_name, plugin_class):
     """The plugin under a private driver name and a fresh state root, plus helpers."""
     sanitized = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
     workdir = Path(tempfile.mkdtemp(prefix=sanitized + "-", dir=e2e_tmp))
     driver = driver_name
     logdir = log_dir(e2e_tmp)
-    plugin = Plugin(
+    plugin = plugin_class(
         driver,
         workdir / "root",
         Path(PLUGIN_DIR) / f"{driver}.sock",

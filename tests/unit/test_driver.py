@@ -570,3 +570,16 @@ def test_doctor_reports_records_without_an_overlay(driver: Driver, base: Path) -
 def test_doctor_of_a_missing_volume_says_so(driver: Driver) -> None:
     with pytest.raises(UserError, match="no such volume"):
         driver.doctor("missing", None, fix=False)
+
+
+def test_doctor_leaves_podman_records_to_podman(driver: Driver, base: Path) -> None:
+    from docker_on_top.driver import PODMAN_MOUNT_ID
+
+    folder = make_volume(driver, base)
+    driver.mount("v", PODMAN_MOUNT_ID)
+    driver.mount("v", ID_A)
+    (finding,) = driver.doctor(None, {}, fix=True)
+    assert finding.fixed
+    assert records(folder) == {PODMAN_MOUNT_ID: 1}
+    assert mounted(folder)
+    assert driver.doctor(None, {}, fix=True) == []
