@@ -55,6 +55,15 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
         choices=LOG_LEVELS,
         help=f"debug, info, warning or error (default info; env {ENVIRONMENT['log_level']})",
     )
+    parser.add_argument(
+        "--host-root",
+        dest="host_root",
+        default=argparse.SUPPRESS,
+        help=(
+            "where the host's / is mounted when running as a managed plugin; bases are "
+            f"looked up under it (default: none; env {ENVIRONMENT['host_root']})"
+        ),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +180,7 @@ def _inherited_socket() -> socket.socket | None:
 
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level)
-    driver = Driver(settings.root)
+    driver = Driver(settings.root, settings.host_root)
     server = PluginServer(driver, settings.socket)
     try:
         # Bind first: a second instance must be refused before its recovery touches
@@ -194,15 +203,21 @@ def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
     # In the background: dockerd may itself be waiting for this plugin to answer.
-    threading.Thread(
-        target=_report_stuck_volumes, args=(driver, settings.name), daemon=True
-    ).start()
+    threading.Thread(target=_start_up_checks, args=(driver, settings), daemon=True).start()
     log.info(
         "serving driver %s on %s (state root %s)", settings.name, settings.socket, settings.root
     )
     server.serve()
     log.info("stopped; volumes in use stay mounted")
     return 0
+
+
+def _start_up_checks(driver: Driver, settings: Settings) -> None:
+    _report_stuck_volumes(driver, settings.name)
+    # Only a socket where dockerd discovers legacy plugins can be registered; a managed
+    # plugin (host root set) is registered by dockerd itself when it is enabled.
+    if settings.host_root is None and settings.socket.parent == docker_api.PLUGIN_DIR:
+        docker_api.register_driver(settings.name)
 
 
 def _report_stuck_volumes(driver: Driver, driver_name: str) -> None:
@@ -301,7 +316,7 @@ def _commit(driver: Driver, arguments: argparse.Namespace) -> int:
 
 def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
     setup_logging("warning")
-    driver = Driver(settings.root)
+    driver = Driver(settings.root, settings.host_root)
     if not settings.root.is_dir():
         print(f"docker-on-top: no state root at {settings.root}", file=sys.stderr)
         return 1

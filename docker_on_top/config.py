@@ -15,6 +15,7 @@ ENVIRONMENT = {
     "root": "DOCKER_ON_TOP_ROOT",
     "socket": "DOCKER_ON_TOP_SOCKET",
     "log_level": "DOCKER_ON_TOP_LOG_LEVEL",
+    "host_root": "DOCKER_ON_TOP_HOST_ROOT",
 }
 _DRIVER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 
@@ -29,6 +30,9 @@ class Settings:
     root: Path
     socket: Path
     log_level: str
+    # Where the host's root is mounted when the daemon runs in a container (a managed
+    # plugin); None when it runs on the host itself.
+    host_root: Path | None = None
 
     @classmethod
     def resolve(cls, flags: Mapping[str, str | None], environ: Mapping[str, str]) -> Settings:
@@ -53,4 +57,17 @@ class Settings:
             raise SettingsError(
                 f"invalid log level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}"
             )
-        return cls(name=name, root=root, socket=socket, log_level=log_level)
+        host_root = pick("host_root")
+        if host_root is not None:
+            if not host_root.startswith("/"):
+                raise SettingsError(f"the host root {host_root!r} must be an absolute path")
+            # Bases are found under it, and their paths become overlay mount options.
+            if {",", ":"} & set(host_root):
+                raise SettingsError(f"the host root {host_root} must not contain ',' or ':'")
+        return cls(
+            name=name,
+            root=root,
+            socket=socket,
+            log_level=log_level,
+            host_root=Path(os.path.normpath(host_root)) if host_root is not None else None,
+        )

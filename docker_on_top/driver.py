@@ -93,8 +93,12 @@ class RecoveryReport:
 
 
 class Driver:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host_root: Path | None = None) -> None:
         self.root = root
+        # Set when the daemon runs in a container (a managed plugin) with the host's root
+        # mounted there: bases are the host's paths, kept as the user gave them in
+        # metadata.json and looked up under `host_root`.
+        self.host_root = host_root
         # Releases (Unmounts) whose record could not be updated, by volume name: they
         # are retried under the volume's lock before its next Mount or Unmount. Only
         # the thread holding that volume's lock touches its entry. Also kept on disk
@@ -381,7 +385,7 @@ class Driver:
         volume = self._volume(name)
         metadata = self._metadata(volume)
         try:
-            return changes.diff(volume.upper, Path(metadata.base_dir))
+            return changes.diff(volume.upper, self._on_host(metadata.base_dir))
         except OSError as error:
             raise InternalError("failed to read the volume's changes", error) from error
 
@@ -408,7 +412,9 @@ class Driver:
         metadata = self._metadata(volume)
         with self._unused(volume):
             try:
-                changes.merge_into(volume.upper, Path(metadata.base_dir), target, progress=progress)
+                changes.merge_into(
+                    volume.upper, self._on_host(metadata.base_dir), target, progress=progress
+                )
             except FileExistsError:
                 raise UserError(f"{target} exists already; name a new folder") from None
             except ValueError as error:
@@ -423,7 +429,9 @@ class Driver:
         metadata = self._metadata(volume)
         with self._unused(volume):
             try:
-                changes.apply_to_base(volume.upper, Path(metadata.base_dir), progress=progress)
+                changes.apply_to_base(
+                    volume.upper, self._on_host(metadata.base_dir), progress=progress
+                )
                 volume.discard_changes()
             except OSError as error:
                 raise InternalError(
@@ -629,17 +637,23 @@ class Driver:
             )
         if not base.startswith("/"):
             raise UserError("`base` must be an absolute path")
+        try:
+            os.fsencode(base)
+        except UnicodeEncodeError:
+            raise UserError("`base` is not a valid path (it cannot be encoded)") from None
+        if "\0" in base:
+            raise UserError("`base` must not contain a NUL character")
         if kernel.UNSAFE_OPTION_CHARACTERS & set(base):
             raise UserError("directories with commas and/or colons in the path are not supported")
         try:
-            is_directory = stat.S_ISDIR(os.stat(base).st_mode)
+            is_directory = stat.S_ISDIR(os.stat(self._on_host(base)).st_mode)
         except (FileNotFoundError, NotADirectoryError):
             raise UserError("the base directory does not exist") from None
         except OSError as error:
             raise UserError(f"the specified base directory is inaccessible: {error}") from None
         if not is_directory:
             raise UserError(f"the base {base} is not a directory")
-        real_base = Path(os.path.realpath(base))
+        real_base = Path(os.path.realpath(self._on_host(base)))
         real_root = Path(os.path.realpath(self.root))
         if real_base == real_root or real_root in real_base.parents:
             raise UserError("the base directory must not be inside the plugin's state root")
@@ -649,6 +663,12 @@ class Driver:
                 "and overlayfs refuses layers inside one another"
             )
         return base
+
+    def _on_host(self, base: str) -> Path:
+        """Where the host's path `base` is found from this process."""
+        if self.host_root is None:
+            return Path(base)
+        return kernel.resolve_in_root(self.host_root, base)
 
     def _mount_overlay(self, volume: Volume, metadata: Metadata, *, discard_changes: bool) -> None:
         if kernel.is_mount_point(volume.mountpoint):
@@ -668,7 +688,7 @@ class Driver:
                 volume.discard_changes()
             kernel.mount_overlay(
                 source=f"docker-on-top_{volume.name}",
-                lower=Path(metadata.base_dir),
+                lower=self._on_host(metadata.base_dir),
                 upper=volume.upper,
                 work=volume.workdir,
                 target=volume.mountpoint,

@@ -1,4 +1,5 @@
-"""The kernel interface: overlay mount and unmount through the syscalls, and flock.
+"""The kernel interface: overlay mount and unmount through the syscalls, flock, and
+path resolution inside another root directory.
 
 Nothing here knows about volumes; callers pass plain paths.
 """
@@ -6,6 +7,7 @@ Nothing here knows about volumes; callers pass plain paths.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -110,6 +112,41 @@ def rename_noreplace(source: Path, target: Path) -> None:
 def unmount(target: Path, *, flags: int = 0) -> None:
     if _libc.umount2(os.fsencode(target), flags) != 0:
         _raise_errno("umount2", target)
+
+
+# The kernel's own bound on symlinks followed in one path resolution.
+_MAX_SYMLINKS = 40
+
+
+def resolve_in_root(root: Path, path: str) -> Path:
+    """Where `path` leads for a process whose root directory is `root` (as chroot(2)
+    or openat2's RESOLVE_IN_ROOT would find it): symlinks are followed, and absolute
+    ones and `..` never lead out of `root`. A component that is missing or cannot be
+    read is kept as it is: the caller's stat of the result reports it.
+    """
+    pending = list(reversed(path.split("/")))
+    resolved: list[str] = []
+    followed = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        try:
+            target = os.readlink(root.joinpath(*resolved, part))
+        except OSError:  # not a symlink, or missing: the caller's stat tells which
+            resolved.append(part)
+            continue
+        followed += 1
+        if followed > _MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+        if target.startswith("/"):
+            resolved = []
+        pending.extend(reversed(target.split("/")))
+    return root.joinpath(*resolved)
 
 
 def is_mount_point(path: Path) -> bool:

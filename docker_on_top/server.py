@@ -15,6 +15,7 @@ import selectors
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ REQUEST_TIMEOUT_S = 30.0
 # dockerd keeps idle keep-alive connections without limit and a POST is not retried on
 # a connection we close under it, so idle connections are kept long.
 IDLE_TIMEOUT_S = 3600.0
+# How often requests that arrive too slowly are looked for.
+_SWEEP_INTERVAL_S = 5.0
 
 
 class Mountable(Protocol):
@@ -232,12 +235,40 @@ def encode_response(status: int, document: Mapping[str, object], *, keep_alive: 
 
 @dataclass
 class _Connections:
-    """Open client connections, and which are between requests (safe to close)."""
+    """Open client connections, and which of them wait on their client.
+
+    A connection is idle (between requests), receiving (a request has begun to
+    arrive), or busy (its request is being answered). Idle and receiving ones wait on
+    the client and may be cut: to make room for a new client at the cap, or because a
+    request takes too long to arrive. Busy ones are never cut. All under `lock`.
+    """
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    idle: set[socket.socket] = field(default_factory=set)
+    idle: dict[socket.socket, float] = field(default_factory=dict)
+    receiving: dict[socket.socket, float] = field(default_factory=dict)
     threads: set[threading.Thread] = field(default_factory=set)
     stopping: bool = False
+
+    def make_room(self) -> bool:
+        """Cut the connection that has waited longest on its client, idle ones first."""
+        for waiting in (self.idle, self.receiving):
+            if waiting:
+                _cut(min(waiting, key=waiting.__getitem__))
+                return True
+        return False
+
+    def cut_overdue(self, now: float) -> None:
+        """Cut requests that take too long to arrive, however slowly they trickle in."""
+        for connection, since in list(self.receiving.items()):
+            if now - since > REQUEST_TIMEOUT_S:
+                log.info("dropping a client whose request took over %.0f s", REQUEST_TIMEOUT_S)
+                _cut(connection)
+
+
+def _cut(connection: socket.socket) -> None:
+    # Wakes the connection's thread, which then closes it and forgets it.
+    with suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class PluginServer:
@@ -281,6 +312,8 @@ class PluginServer:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as error:
             raise UserError(f"invalid request: the body is not JSON ({error})") from None
+        except RecursionError:
+            raise UserError("invalid request: the JSON body is nested too deeply") from None
         if document is None and path in _EMPTY_BODY_OK:
             return {}
         if not isinstance(document, dict):
@@ -343,10 +376,13 @@ class PluginServer:
         selector.register(self._wake_read, selectors.EVENT_READ)
         try:
             while True:
-                events = selector.select()
+                events = selector.select(timeout=_SWEEP_INTERVAL_S)
                 if any(key.fileobj == self._wake_read for key, _ in events):
                     break
-                self._accept(listener)
+                if events:
+                    self._accept(listener)
+                with self._connections.lock:
+                    self._connections.cut_overdue(time.monotonic())
         finally:
             selector.close()
             self._shut_down(listener)
@@ -357,16 +393,17 @@ class PluginServer:
         except OSError as error:
             log.warning("accept failed: %s", error)
             return
-        with self._connections.lock:
-            if len(self._connections.threads) >= MAX_CONNECTIONS:
-                log.warning("too many connections (%d); refusing one", MAX_CONNECTIONS)
+        connections = self._connections
+        with connections.lock:
+            if len(connections.threads) >= MAX_CONNECTIONS and not connections.make_room():
+                log.warning("too many requests in flight (%d); refusing one", MAX_CONNECTIONS)
                 connection.close()
                 return
             thread = threading.Thread(
                 target=self._serve_connection, args=(connection,), name="connection"
             )
-            self._connections.threads.add(thread)
-            self._connections.idle.add(connection)
+            connections.threads.add(thread)
+            connections.idle[connection] = time.monotonic()
         thread.start()
 
     def _serve_connection(self, connection: socket.socket) -> None:
@@ -379,9 +416,9 @@ class PluginServer:
                     return
                 # From its first byte on, a request is in flight: a stop lets it finish.
                 with connections.lock:
-                    if connections.stopping:
-                        return
-                    connections.idle.discard(connection)
+                    if connections.stopping or connections.idle.pop(connection, None) is None:
+                        return  # cut meanwhile
+                    connections.receiving[connection] = time.monotonic()
                 connection.settimeout(REQUEST_TIMEOUT_S)
                 try:
                     request = read_request(stream)
@@ -392,6 +429,9 @@ class PluginServer:
                     )
                     _discard_unread(connection)
                     return
+                with connections.lock:
+                    if connections.receiving.pop(connection, None) is None:
+                        return  # cut meanwhile
                 if request is None:
                     return
                 status, document = self.handle(request.method, request.path, request.body)
@@ -399,12 +439,13 @@ class PluginServer:
                 with connections.lock:
                     if connections.stopping or not request.keep_alive:
                         return
-                    connections.idle.add(connection)
+                    connections.idle[connection] = time.monotonic()
         except (OSError, ValueError) as error:
             log.debug("connection closed: %s", error)
         finally:
             with connections.lock:
-                connections.idle.discard(connection)
+                connections.idle.pop(connection, None)
+                connections.receiving.pop(connection, None)
                 connections.threads.discard(threading.current_thread())
             stream.close()
             connection.close()
@@ -417,16 +458,19 @@ class PluginServer:
     def _shut_down(self, listener: socket.socket) -> None:
         listener.close()
         self._remove_own_socket()
-        with self._connections.lock:
-            self._connections.stopping = True
-            for connection in self._connections.idle:
-                # Wakes the thread blocked waiting for a next request on it.
-                connection.shutdown(socket.SHUT_RDWR)
-            busy = list(self._connections.threads)
+        connections = self._connections
+        with connections.lock:
+            connections.stopping = True
+            for connection in connections.idle:
+                _cut(connection)
+            busy = list(connections.threads)
         if busy:
             log.info("finishing %d connection(s) in flight", len(busy))
         for thread in busy:
-            thread.join()
+            while thread.is_alive():
+                thread.join(_SWEEP_INTERVAL_S)
+                with connections.lock:
+                    connections.cut_overdue(time.monotonic())
         os.close(self._wake_read)
         os.close(self._wake_write)
 
