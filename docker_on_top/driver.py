@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import stat
 import time
 from collections import Counter
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import changes, kernel
-from .errors import InternalError, UserError
-from .volume import NAME_MAX_BYTES, NAME_PATTERN, Metadata, Volume, rfc3339
+from .errors import InternalError, PluginError, UserError
+from .volume import NAME_MAX_BYTES, NAME_PATTERN, REMOVED_PREFIX, Metadata, Volume, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class Driver:
         since serving on top of it could mount the wrong thing.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        self._finish_removals()
         report = RecoveryReport([], [], [], [])
         for volume in self._volumes():
             if not volume.metadata_path.exists() and self._remove_half_made(volume):
@@ -157,15 +159,28 @@ class Driver:
             )
         return report
 
+    def _finish_removals(self) -> None:
+        """Delete the folders of removals that a crash cut short (see Volume.destroy)."""
+        for leftover in self.root.glob(f"{REMOVED_PREFIX}*"):
+            try:
+                if kernel.is_mount_point(leftover / "mountpoint"):
+                    kernel.unmount(leftover / "mountpoint", flags=kernel.MNT_DETACH)
+                shutil.rmtree(leftover)
+            except OSError as error:
+                log.warning("cannot finish removing %s: %s", leftover, error)
+            else:
+                log.info("finished removing %s, cut short by the last run", leftover)
+
     def _remove_half_made(self, volume: Volume) -> bool:
         """Remove a folder left by a Create that crashed before metadata.json was written.
 
         Only a folder with nothing of value in it (no changes, no users) is removed.
         """
         try:
-            with os.scandir(volume.upper) as changes:
-                if next(changes, None) is not None:
-                    return False
+            if volume.upper.exists():
+                with os.scandir(volume.upper) as changes:
+                    if next(changes, None) is not None:
+                        return False
             if volume.records.folder.exists() and volume.records.in_use():
                 return False
             if volume.metadata_path.exists():
@@ -231,11 +246,13 @@ class Driver:
             has_records = volume.records.folder.is_dir()
             with volume.records.lock() if has_records else nullcontext():
                 if has_records and volume.records.in_use():
+                    # Records go before the overlay, as at every unmount.
                     log.warning(
                         "removing volume %s although its records say it is in use (%s)",
                         name,
                         ", ".join(volume.records.ids()),
                     )
+                    volume.records.clear()
                 self._detach_everything(volume)
                 volume.destroy()
         except FileNotFoundError:
@@ -280,20 +297,37 @@ class Driver:
     def unmount(self, name: str, mount_id: str) -> None:
         volume = self._volume(name)
         _check_mount_id(mount_id)
-        with self._locked(volume):
-            self._retry_unreleased(volume)
-            try:
-                now_unused = self._release(volume, mount_id)
-            except OSError as error:
-                pending = self._unreleased.setdefault(name, Counter())
-                pending[mount_id] += 1
-                self._save_unreleased(volume, pending)
-                raise InternalError(
-                    "failed to update the volume's usage records; it stays mounted", error
-                ) from error
-            if now_unused:
-                self._unmount_overlay(volume)
+        locked = False
+        try:
+            with self._locked(volume):
+                locked = True
+                try:
+                    self._retry_unreleased(volume)
+                    now_unused = self._release(volume, mount_id)
+                except (OSError, PluginError) as error:
+                    self._keep_unreleased(volume, mount_id, persist=True)
+                    if isinstance(error, PluginError):
+                        raise
+                    raise InternalError(
+                        "failed to update the volume's usage records; it stays mounted", error
+                    ) from error
+                if now_unused:
+                    self._unmount_overlay(volume)
+        except InternalError:
+            if not locked:
+                # Not even the lock could be taken: keep the release for the next request.
+                self._keep_unreleased(volume, mount_id, persist=False)
+            raise
         log.debug("unmounted volume %s for %s", name, mount_id)
+
+    def _keep_unreleased(self, volume: Volume, mount_id: str, *, persist: bool) -> None:
+        """Remember a release that could not be applied, to retry it under the lock
+        before the volume's next Mount or Unmount; also on disk when `persist` (which
+        needs the lock)."""
+        pending = self._unreleased.setdefault(volume.name, Counter())
+        pending[mount_id] += 1
+        if persist:
+            self._save_unreleased(volume, pending)
 
     def _release(self, volume: Volume, mount_id: str) -> bool:
         """Count one use of `mount_id` less; True when the volume has no user left."""
@@ -456,13 +490,19 @@ class Driver:
         volumes = [self._volume(name)] if name is not None else list(self._volumes())
         findings: list[Finding] = []
         for volume in volumes:
-            if not volume.exists():
-                raise UserError(NO_SUCH_VOLUME)
-            with self._locked(volume):
-                try:
+            try:
+                if not volume.exists():
+                    raise UserError(NO_SUCH_VOLUME)
+                with self._locked(volume):
                     findings += self._examine(volume, users, fix=fix)
-                except OSError as error:
-                    findings.append(Finding(volume.name, f"cannot be examined: {error}"))
+            except PluginError as error:
+                if name is not None:
+                    raise
+                findings.append(Finding(volume.name, f"cannot be examined: {error}"))
+            except OSError as error:
+                if name is not None:
+                    raise InternalError(f"failed to examine volume {name}", error) from error
+                findings.append(Finding(volume.name, f"cannot be examined: {error}"))
         return findings
 
     def _examine(

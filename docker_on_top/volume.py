@@ -16,10 +16,12 @@ between the two steps leaves a harmless stray mount, never a record that lies.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 from contextlib import suppress
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 NAME_MAX_BYTES = 255  # NAME_MAX: a volume name and a mount ID each become one file name
+# A volume folder being removed is renamed to this prefix: no volume name starts with ".".
+REMOVED_PREFIX = ".removed."
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ def write_atomically(path: Path, data: bytes, staging: Path, *, durable: bool) -
     """
     fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, data)
+        _write_all(fd, data)
         if durable:
             os.fsync(fd)
     finally:
@@ -85,6 +89,18 @@ def write_atomically(path: Path, data: bytes, staging: Path, *, durable: bool) -
         raise
     if durable:
         fsync_directory(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to a new file, and check that the file holds that much."""
+    written = 0
+    while written < len(data):
+        count = os.write(fd, data[written:])
+        if count == 0:
+            raise OSError(errno.EIO, "write made no progress")
+        written += count
+    if os.fstat(fd).st_size != len(data):
+        raise OSError(errno.EIO, "the file does not hold what was written")
 
 
 def fsync_directory(directory: Path) -> None:
@@ -194,10 +210,10 @@ class Volume:
                 self.folder / ".metadata.json.tmp",
                 durable=True,
             )
+            fsync_directory(self.folder.parent)
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
-        fsync_directory(self.folder.parent)
 
     def read_unreleased(self) -> dict[str, int]:
         """Releases that failed earlier, by mount ID (see Driver.unmount); {} when none."""
@@ -223,7 +239,12 @@ class Volume:
         )
 
     def destroy(self) -> None:
-        shutil.rmtree(self.folder)
+        """Remove the folder: first out of sight (one rename), then its content, so a
+        crash never leaves a half-removed volume that looks like a volume."""
+        # Not named after the volume: a name of NAME_MAX bytes leaves no room for a prefix.
+        doomed = self.folder.with_name(f"{REMOVED_PREFIX}{secrets.token_hex(8)}")
+        os.rename(self.folder, doomed)
+        shutil.rmtree(doomed)
 
     def make_mount_folders(self) -> list[Path]:
         """Create `mountpoint/` and an empty `workdir/`; returns the folders this call made.

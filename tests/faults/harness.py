@@ -1,0 +1,759 @@
+"""The fault harness: strace on the real daemon, the scenarios, and the state checks.
+
+How a fault reaches exactly one step of one request
+---------------------------------------------------
+The daemon serves every connection on a thread of its own, created when the connection
+is accepted, and strace counts `when=N` per syscall *and per thread* ("Accounting of
+syscalls that are subject to injection is done per syscall and per tracee", strace(1)).
+So the harness
+
+1. waits until the idle daemon has no thread but its main one (the threads of earlier
+   connections have ended),
+2. attaches `strace -f -p PID` to it, with the injection, and waits until the kernel
+   shows strace as the tracer of every thread (/proc/PID/task/*/status, TracerPid),
+3. sends the one request under test on a new connection.
+
+The counting then starts on the thread that serves that request and sees nothing else:
+the main thread only polls, accepts and spawns threads, none of which is in the traced
+set. `inject=SYSCALL:signal=KILL:when=N` kills the whole daemon on entering the N-th
+SYSCALL of the request, before it runs (the kernel skips a syscall when a fatal signal
+is pending at syscall entry). `inject=SYSCALL:error=E:when=N` makes it fail with E
+without running it.
+
+The steps are not guessed: a clean run of the same scenario, traced the same way,
+lists the request's syscalls in order (`clean_trace`; a directory walk's calls sorted,
+so that the test ids are the same in every run), and each injected run writes its
+own trace too, which must show the named occurrence of the named syscall as the
+injected one, after the clean run's calls in the clean run's order, so a test can never
+pass by injecting into something other than the step it names. The order may only differ
+inside a directory walk (calls relative to a directory fd, as shutil.rmtree makes): its
+order follows name hashes, and overlayfs names its scratch files in workdir/ after inode
+numbers, so the same clean-up can visit its entries in another order from run to run;
+there the counts are compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..protocol.conftest import (
+    Daemon,
+    PluginClient,
+    Reply,
+    Workspace,
+    mounts_at,
+    mounts_under,
+    snapshot,
+)
+
+# Every syscall through which the daemon changes the state root or answers the client.
+# mkdirat and renameat2 are not used today (Python calls mkdir and rename), but a change
+# of the code that starts using them is then still covered.
+TRACED = (
+    "mkdir",
+    "mkdirat",
+    "openat",
+    "write",
+    "rename",
+    "renameat2",
+    "fsync",
+    "fdatasync",
+    "mount",
+    "umount2",
+    "unlink",
+    "unlinkat",
+    "rmdir",
+    "flock",
+    "sendto",
+)
+# What a syscall failure test injects into, and with which errors.
+FAILING = ("mkdir", "mount", "umount2", "rename", "openat", "write")
+ERRNOS = ("EIO", "ENOSPC", "EBUSY", "EPERM", "EACCES")
+INTERNAL_PREFIX = "docker-on-top internal error:"
+VOLUME = "v"
+
+FULL = os.environ.get("DOT_FAULTS_FULL") == "1"
+ATTACH_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 20.0
+
+
+def daemon_env() -> dict[str, str]:
+    """DOT_DAEMON_SOURCE runs the daemon from another copy of the package (a folder that
+    holds docker_on_top/), for instance a deliberately broken one in /tmp. PYTHONSAFEPATH
+    keeps the harness's working directory (this checkout) from shadowing it."""
+    source = os.environ.get("DOT_DAEMON_SOURCE")
+    if not source:
+        return {}
+    if not (Path(source) / "docker_on_top" / "__init__.py").is_file():
+        raise RuntimeError(f"DOT_DAEMON_SOURCE={source} holds no docker_on_top package")
+    return {"PYTHONPATH": str(Path(source).resolve()), "PYTHONSAFEPATH": "1"}
+
+
+# --- one traced syscall --------------------------------------------------------------------
+
+_LINE = re.compile(r"^(?P<tid>\d+)\s+(?P<name>[a-z0-9_]+)\((?P<rest>.*)$")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One syscall of the request, as strace printed it."""
+
+    position: int  # 1-based, among the traced syscalls of the request
+    name: str
+    occurrence: int  # 1-based, among the request's calls of this syscall: strace's when=
+    text: str
+
+    @property
+    def mutating(self) -> bool:
+        """Whether it can change what a crash leaves behind on disk or in the mount table.
+
+        fsync only matters for power loss, which a killed process is not; a write to
+        fd 2 is the log; an openat without O_CREAT only reads.
+        """
+        if self.name in ("flock", "fsync", "fdatasync", "sendto"):
+            return False
+        if self.name == "openat":
+            return "O_CREAT" in self.text
+        if self.name == "write":
+            return not self.text.startswith("write(2,")
+        return True
+
+    @property
+    def shown(self) -> str:
+        """The call without its result in the clean run."""
+        return self.text.rsplit(" = ", 1)[0][:200]
+
+    @property
+    def label(self) -> str:
+        return f"{self.position:02d}-{self.name}#{self.occurrence}"
+
+
+def parse_trace(path: Path, skip_tids: set[int]) -> tuple[list[Call], bool]:
+    """The traced calls of the request's thread, and whether that thread was killed.
+
+    `skip_tids` are the threads that existed before the request (the main thread).
+    """
+    calls: list[Call] = []
+    seen: dict[str, int] = {}
+    killed = False
+    tids: set[int] = set()
+    for line in path.read_text(errors="replace").splitlines():
+        if "+++ killed by SIGKILL" in line:
+            killed = True
+            continue
+        match = _LINE.match(line)
+        if match is None or match["name"] not in TRACED:
+            continue  # "<... resumed>", "+++ exited", signals
+        tid = int(match["tid"])
+        if tid in skip_tids:
+            continue
+        tids.add(tid)
+        seen[match["name"]] = seen.get(match["name"], 0) + 1
+        calls.append(
+            Call(
+                len(calls) + 1,
+                match["name"],
+                seen[match["name"]],
+                f"{match['name']}({match['rest']}",
+            )
+        )
+    if len(tids) > 1:
+        raise AssertionError(f"the request was served on more than one thread: {sorted(tids)}")
+    return calls, killed
+
+
+# --- strace attached to the running daemon ---------------------------------------------------
+
+
+def _in_directory_walk(call: Call) -> bool:
+    """A call relative to a directory fd: part of a walk, whose order may vary."""
+    return re.match(r"[a-z0-9]+\(\d+, ", call.text) is not None
+
+
+def same_calls_as_clean_run(calls: list[Call], clean: tuple[Call, ...], context: str) -> None:
+    """The injected run (up to its injected call, the last one) took the clean run's path.
+
+    Outside directory walks the calls come in the clean run's order; inside them the
+    order may vary (see the module's docstring), so there only the counts are compared.
+    """
+    straight = [c.name for c in calls if not _in_directory_walk(c)]
+    clean_straight = [c.name for c in clean if not _in_directory_walk(c)]
+    problems = []
+    if straight != clean_straight[: len(straight)]:
+        problems.append("the calls outside directory walks differ")
+    if Counter(c.name for c in calls) - Counter(c.name for c in clean):
+        problems.append("it made calls the clean run did not make")
+    assert not problems, (
+        f"{context}: the request took another path than the clean run ({'; '.join(problems)}):\n"
+        + "\n".join(c.shown for c in calls)
+        + "\n--- clean run:\n"
+        + "\n".join(c.shown for c in clean)
+    )
+
+
+def threads_of(pid: int) -> set[int]:
+    return {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def wait_single_threaded(pid: int, timeout: float = ATTACH_TIMEOUT_S) -> None:
+    """Wait until the threads of earlier connections have ended."""
+    deadline = time.monotonic() + timeout
+    while threads_of(pid) != {pid}:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"daemon {pid} keeps threads {sorted(threads_of(pid))}")
+        time.sleep(0.005)
+
+
+def _tracer_of(pid: int, tid: int) -> int:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Strace:
+    """strace attached to a running daemon; stop() detaches it, by its PID only."""
+
+    def __init__(self, daemon_pid: int, injections: list[str], output: Path) -> None:
+        wait_single_threaded(daemon_pid)
+        self.daemon_pid = daemon_pid
+        self.before = threads_of(daemon_pid)
+        self.output = output
+        command = ["strace", "-f", "-q", "-p", str(daemon_pid), "-o", str(output)]
+        command += ["-e", "trace=" + ",".join(TRACED)]
+        for injection in injections:
+            command += ["-e", f"inject={injection}"]
+        self.command = command
+        self._stderr = open(output.with_suffix(".stderr"), "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr
+        )
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        while not all(_tracer_of(daemon_pid, tid) == self.process.pid for tid in self.before):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(
+                    f"strace did not attach: {command}\n"
+                    + output.with_suffix(".stderr").read_text(errors="replace")
+                )
+            time.sleep(0.002)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # strace detaches and exits
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._stderr.close()
+
+    def calls(self) -> tuple[list[Call], bool]:
+        return parse_trace(self.output, self.before)
+
+
+# --- scenarios ------------------------------------------------------------------------------
+
+CREATE = "/VolumeDriver.Create"
+MOUNT = "/VolumeDriver.Mount"
+UNMOUNT = "/VolumeDriver.Unmount"
+REMOVE = "/VolumeDriver.Remove"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One request on a volume in a known state.
+
+    `users` are the mount IDs (with their counts) that use the volume before the
+    request: containers that keep running. The volume always holds changes made through
+    its mount before the request (except for Create).
+    """
+
+    name: str
+    endpoint: str
+    mount_id: str | None = None
+    volatile: bool = False
+    users: Mapping[str, int] = field(default_factory=dict)
+    in_default: bool = True  # also in the representative (default) run
+
+    @property
+    def operation(self) -> str:
+        return self.endpoint.rsplit(".", 1)[1]
+
+    def body(self, ws: Workspace) -> dict[str, object]:
+        if self.endpoint == CREATE:
+            opts = {"base": str(ws.base)}
+            if self.volatile:
+                opts["volatile"] = "true"
+            return {"Name": VOLUME, "Opts": opts}
+        if self.mount_id is None:
+            return {"Name": VOLUME}
+        return {"Name": VOLUME, "ID": self.mount_id}
+
+    def records_after(self) -> dict[str, int]:
+        """The records once the request has succeeded."""
+        after = dict(self.users)
+        if self.endpoint == MOUNT:
+            assert self.mount_id is not None
+            after[self.mount_id] = after.get(self.mount_id, 0) + 1
+        elif self.endpoint == UNMOUNT:
+            assert self.mount_id is not None
+            after[self.mount_id] -= 1
+            if not after[self.mount_id]:
+                del after[self.mount_id]
+        return after
+
+    def live_users(self, *, succeeded: bool) -> dict[str, int]:
+        """The containers still running after the request: an Unmount's container is gone
+        whatever the answer; a Mount's container runs only when the Mount succeeded."""
+        if self.endpoint == UNMOUNT or (self.endpoint == MOUNT and succeeded):
+            return self.records_after()
+        return dict(self.users)
+
+    @property
+    def keeps_changes(self) -> bool:
+        return not self.volatile and self.endpoint != REMOVE
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("create", CREATE),
+        Scenario("create-volatile", CREATE, volatile=True, in_default=False),
+        Scenario("mount-first", MOUNT, "c1"),
+        Scenario("mount-first-volatile", MOUNT, "c1", volatile=True),
+        Scenario("mount-second", MOUNT, "c2", users={"c1": 1}),
+        Scenario("mount-same-id", MOUNT, "c1", users={"c1": 1}),
+        Scenario("unmount-count", UNMOUNT, "c1", users={"c1": 2}),
+        Scenario("unmount-not-last", UNMOUNT, "c2", users={"c1": 1, "c2": 1}),
+        Scenario("unmount-last", UNMOUNT, "c1", users={"c1": 1}),
+        Scenario("unmount-last-volatile", UNMOUNT, "c1", volatile=True, users={"c1": 1}),
+        Scenario("remove", REMOVE),
+        Scenario("remove-in-use", REMOVE, users={"c1": 1}),
+    )
+}
+
+
+def write_changes(mountpoint: Path) -> None:
+    """Changes of every kind a container makes: add, change, delete (a whiteout), mkdir."""
+    (mountpoint / "added.txt").write_text("added through the mount\n")
+    (mountpoint / "changed.txt").write_text("changed through the mount\n")
+    (mountpoint / "deleted.txt").unlink()
+    (mountpoint / "newdir").mkdir()
+    (mountpoint / "newdir" / "inner.txt").write_text("inner\n")
+
+
+def set_up(scenario: Scenario, ws: Workspace, client: PluginClient) -> None:
+    """Bring the volume into the scenario's state, through the daemon."""
+    if scenario.endpoint == CREATE:
+        return
+    options = {"volatile": "true"} if scenario.volatile else {}
+    client.create(VOLUME, ws.base, **options)
+    mountpoint = Path(client.mount(VOLUME, "setup"))
+    write_changes(mountpoint)
+    for mount_id, count in scenario.users.items():
+        for _ in range(count):
+            client.mount(VOLUME, mount_id)
+    client.unmount(VOLUME, "setup")
+
+
+def send(client: PluginClient, endpoint: str, body: object) -> Reply | None:
+    """The request under test; None when the daemon died before answering."""
+    try:
+        return client.call(endpoint, body)
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+@dataclass(frozen=True)
+class CleanTrace:
+    scenario: Scenario
+    calls: tuple[Call, ...]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for call in self.calls:
+            counts[call.name] = counts.get(call.name, 0) + 1
+        return counts
+
+    def crash_points(self) -> list[Call]:
+        """Every step (full run), or one step per distinct state a crash can leave: a
+        kill before each call that changes the disk or the mount table, and one right
+        after the last such call (a kill before a read, a log line or a lock leaves the
+        same state as the kill before the next change)."""
+        if FULL:
+            return list(self.calls)
+        changing = [index for index, call in enumerate(self.calls) if call.mutating]
+        if not changing:
+            return list(self.calls[:1])
+        points = [self.calls[index] for index in changing]
+        if changing[-1] + 1 < len(self.calls):
+            points.append(self.calls[changing[-1] + 1])
+        return points
+
+
+def canonical_order(calls: list[Call]) -> tuple[Call, ...]:
+    """The calls with each directory walk sorted by (syscall, occurrence), renumbered.
+
+    A walk's order varies from run to run (see the module's docstring); sorting it gives
+    every run the same test ids, which pytest -p xdist and --last-failed rely on.
+    """
+    ordered: list[Call] = []
+    walk: list[Call] = []
+    for call in [*calls, None]:
+        if call is not None and _in_directory_walk(call):
+            walk.append(call)
+            continue
+        ordered += sorted(walk, key=lambda c: (c.name, c.occurrence))
+        walk = []
+        if call is not None:
+            ordered.append(call)
+    return tuple(
+        Call(position, c.name, c.occurrence, c.text) for position, c in enumerate(ordered, 1)
+    )
+
+
+def fresh_daemon(ws: Workspace) -> Daemon:
+    return ws.start(env=daemon_env())
+
+
+@functools.cache
+def clean_trace(name: str) -> CleanTrace:
+    """Run the scenario once without faults, traced exactly like the injected runs."""
+    scenario = SCENARIOS[name]
+    ws = Workspace()
+    strace: Strace | None = None
+    try:
+        daemon = fresh_daemon(ws)
+        client = ws.client()
+        set_up(scenario, ws, client)
+        strace = Strace(daemon.pid, [], ws.logs / "clean.trace")
+        reply = send(ws.client(), scenario.endpoint, scenario.body(ws))
+        wait_single_threaded(daemon.pid)
+        strace.stop()
+        if reply is None or reply.status != 200:
+            raise AssertionError(f"clean run of {name} failed: {reply}\n{daemon.log()}")
+        calls, killed = strace.calls()
+        if killed or not calls:
+            raise AssertionError(f"clean run of {name} traced nothing: {strace.command}")
+        return CleanTrace(scenario, canonical_order(calls))
+    finally:
+        if strace is not None:
+            strace.stop()
+        ws.cleanup()
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def read_records(folder: Path) -> dict[str, int]:
+    """activemounts/ as {ID: count}; every record must be a complete {"UsageCount": N}."""
+    records = {}
+    for entry in sorted(os.listdir(folder / "activemounts")):
+        raw = (folder / "activemounts" / entry).read_bytes()
+        document = json.loads(raw)  # a truncated record fails here
+        assert isinstance(document, dict) and set(document) == {"UsageCount"}, (entry, raw)
+        count = document["UsageCount"]
+        assert isinstance(count, int) and count >= 1, (entry, raw)
+        records[entry] = count
+    return records
+
+
+def volume_folders(root: Path) -> list[Path]:
+    """What the daemon lists as volumes: folders whose name is a valid volume name."""
+    if not root.exists():
+        return []
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"[a-zA-Z0-9][\w.-]*", p.name)
+    )
+
+
+def invariant_violations(root: Path) -> list[str]:
+    """A2: a record in <vol>/activemounts/ means the overlay is mounted at <vol>/mountpoint
+    (per the mount table) with that volume's upper/; and every state file is whole (B2)."""
+    problems = []
+    for folder in volume_folders(root):
+        metadata = folder / "metadata.json"
+        if metadata.exists():
+            try:
+                document = json.loads(metadata.read_bytes())
+                assert isinstance(document, dict) and isinstance(document["BaseDirPath"], str)
+            except (ValueError, KeyError, AssertionError) as error:
+                problems.append(f"{metadata} is not whole: {error!r} {metadata.read_bytes()!r}")
+        if not (folder / "activemounts").is_dir():
+            continue
+        try:
+            records = read_records(folder)
+        except (ValueError, AssertionError) as error:
+            problems.append(f"{folder}/activemounts holds a broken record: {error!r}")
+            continue
+        if not records:
+            continue
+        overlays = [
+            m
+            for m in mounts_at(folder / "mountpoint")
+            if m.fstype == "overlay" and f"upperdir={folder / 'upper'}" in m.super_options
+        ]
+        if not overlays:
+            problems.append(
+                f"{folder.name}: records {records} but no overlay of its upper/ is mounted on "
+                f"{folder / 'mountpoint'} (mount table there: {mounts_at(folder / 'mountpoint')})"
+            )
+    return problems
+
+
+def assert_invariant(root: Path, context: str) -> None:
+    problems = invariant_violations(root)
+    assert not problems, f"{context}: the invariant does not hold:\n" + "\n".join(problems)
+
+
+# Names a volume folder may hold when nobody uses it: the state, plus the staging files a
+# crash may leave (they are never read, and the next atomic write replaces them).
+CLEAN_ENTRIES = {"metadata.json", "upper", "activemounts"}
+STAGING = {".activemount.tmp", ".metadata.json.tmp", ".unreleased.json.tmp"}
+
+
+@dataclass
+class Expectation:
+    """What the checks compare against, taken before the request under test."""
+
+    scenario: Scenario
+    upper: dict[str, tuple[object, ...]]
+    base: dict[str, tuple[object, ...]]
+
+    @classmethod
+    def take(cls, scenario: Scenario, ws: Workspace) -> Expectation:
+        folder = ws.root / VOLUME
+        upper = snapshot(folder / "upper") if folder.exists() else {}
+        return cls(scenario, upper, snapshot(ws.base))
+
+
+def check_content(
+    mountpoint: Path, expectation: Expectation, ws: Workspace, *, first_user: bool
+) -> None:
+    """What a container sees: the base, plus the changes unless a volatile volume was just
+    mounted by its first user (which discards them)."""
+    assert (mountpoint / "kept.txt").read_text() == "base kept\n"
+    assert (mountpoint / "sub" / "nested.txt").read_text() == "base nested\n"
+    scenario = expectation.scenario
+    if scenario.endpoint == CREATE:
+        assert sorted(os.listdir(mountpoint)) == sorted(os.listdir(ws.base))
+    elif scenario.keeps_changes:
+        assert (mountpoint / "added.txt").read_text() == "added through the mount\n"
+        assert (mountpoint / "changed.txt").read_text() == "changed through the mount\n"
+        assert not (mountpoint / "deleted.txt").exists()
+        assert (mountpoint / "newdir" / "inner.txt").read_text() == "inner\n"
+    elif scenario.volatile and first_user:
+        assert sorted(os.listdir(mountpoint)) == sorted(os.listdir(ws.base)), (
+            f"a volatile volume kept its changes at its first mount: {os.listdir(mountpoint)}"
+        )
+        assert (mountpoint / "changed.txt").read_text() == "base original\n"
+
+
+def mount_and_check(
+    ws: Workspace, client: PluginClient, expectation: Expectation, mount_id: str, context: str
+) -> None:
+    folder = ws.root / VOLUME
+    first_user = not read_records(folder)
+    mountpoint = Path(client.mount(VOLUME, mount_id))
+    assert mountpoint == folder / "mountpoint", mountpoint
+    assert_invariant(ws.root, f"{context}, {mount_id} mounted")
+    check_content(mountpoint, expectation, ws, first_user=first_user)
+
+
+def check_usable_and_release(
+    ws: Workspace,
+    client: PluginClient,
+    expectation: Expectation,
+    *,
+    live: Mapping[str, int],
+    may_leak: Mapping[str, int],
+    context: str,
+) -> None:
+    """The volume mounts and unmounts normally, keeps what it must, and ends clean.
+
+    `live` are the containers still running; once they (and the probe) are gone, only
+    the records in `may_leak` may remain (a count that a crash between writing the
+    record and answering dockerd leaves behind: nobody will ever send its Unmount).
+    Then one more container comes and goes: a regular volume still shows its changes,
+    a volatile one none.
+    """
+    folder = ws.root / VOLUME
+    mount_and_check(ws, client, expectation, "probe", context)
+    client.unmount(VOLUME, "probe")
+    assert_invariant(ws.root, f"{context}, probe unmounted")
+    records = read_records(folder)
+    for mount_id, count in live.items():
+        assert records.get(mount_id, 0) >= count, (
+            f"{context}: running container {mount_id} (count {count}) lost its record: {records}"
+        )
+        for _ in range(count):
+            client.unmount(VOLUME, mount_id)
+    left = read_records(folder)
+    for mount_id, count in left.items():
+        assert count <= may_leak.get(mount_id, 0), (
+            f"{context}: after every container stopped, record {mount_id}={count} remains "
+            f"(allowed: {dict(may_leak)}); the volume stays mounted for nobody"
+        )
+        for _ in range(count):
+            client.unmount(VOLUME, mount_id)
+    assert_clean(ws, context)
+    mount_and_check(ws, client, expectation, "last", context)
+    client.unmount(VOLUME, "last")
+    assert_clean(ws, context)
+    scenario = expectation.scenario
+    if scenario.endpoint != CREATE and scenario.keeps_changes:
+        assert snapshot(folder / "upper") == expectation.upper, f"{context}: changes lost"
+    elif scenario.volatile or scenario.endpoint == CREATE:
+        assert os.listdir(folder / "upper") == [], f"{context}: changes left in upper/"
+    assert snapshot(ws.base) == expectation.base, f"{context}: the base changed"
+
+
+def assert_clean(ws: Workspace, context: str) -> None:
+    """Nobody uses the volume: no record, no mount, only the state and staging files."""
+    folder = ws.root / VOLUME
+    assert read_records(folder) == {}, f"{context}: {read_records(folder)}"
+    assert mounts_at(folder / "mountpoint") == [], f"{context}: still mounted for nobody"
+    entries = set(os.listdir(folder))
+    assert CLEAN_ENTRIES <= entries <= CLEAN_ENTRIES | STAGING, f"{context}: {sorted(entries)}"
+
+
+def warned_about(log: str, folder: Path) -> bool:
+    return any(" WARNING " in line and str(folder) in line for line in log.splitlines())
+
+
+def no_tracebacks(daemon: Daemon, context: str) -> None:
+    log = daemon.log()
+    assert "Traceback" not in log, f"{context}: the daemon hit an unexpected exception:\n{log}"
+
+
+@contextlib.contextmanager
+def log_on_failure(daemon: Daemon, what: str) -> Iterator[None]:
+    """A failed check shows the daemon's log (its own file, not captured by pytest)."""
+    try:
+        yield
+    except AssertionError as failure:
+        raise AssertionError(f"{failure}\n--- log of {what}:\n{daemon.log()}") from None
+
+
+def strerror_of(name: str) -> str:
+    return os.strerror(getattr(errno, name))
+
+
+def unmounted_like_a_reboot(root: Path) -> None:
+    """What a reboot does to the state root: every mount under it is gone."""
+    for entry in sorted(mounts_under(root), key=lambda m: len(m.mount_point), reverse=True):
+        subprocess.run(["umount", entry.mount_point], check=True)
+    assert mounts_under(root) == []
+
+
+# --- what must hold after a fault -------------------------------------------------------------
+
+CRASHED = "crashed"  # the daemon was killed in the middle of the request, then restarted
+FAILED = "failed"  # the request answered HTTP 500
+SUCCEEDED = "succeeded"  # the request answered HTTP 200
+
+
+def verify_after_fault(
+    ws: Workspace,
+    client: PluginClient,
+    expectation: Expectation,
+    *,
+    outcome: str,
+    log: str,
+    context: str,
+) -> None:
+    """The state is safe, nothing of value is lost, and the volume works again.
+
+    For a crash, `client` talks to the restarted daemon and `log` is its log.
+    """
+    scenario = expectation.scenario
+    folder = ws.root / VOLUME
+    assert_invariant(ws.root, context)
+    if scenario.endpoint == CREATE:
+        if folder.exists():
+            assert (folder / "metadata.json").exists(), (
+                f"{context}: a half-made volume is visible: {sorted(os.listdir(folder))}"
+            )
+            assert outcome != FAILED, (
+                f"{context}: Create answered an error but the volume exists "
+                f"({sorted(os.listdir(folder))}); a retry gets 'volume already exists'"
+            )
+            document = json.loads((folder / "metadata.json").read_bytes())
+            assert document["BaseDirPath"] == str(ws.base)
+            assert document["Volatile"] is scenario.volatile
+            assert VOLUME in client.names()
+        else:
+            assert outcome != SUCCEEDED, f"{context}: Create succeeded but there is no volume"
+            assert VOLUME not in client.names()
+            client.ok(CREATE, scenario.body(ws))  # the retry dockerd's user makes
+        check_usable_and_release(ws, client, expectation, live={}, may_leak={}, context=context)
+        return
+
+    if scenario.endpoint == REMOVE:
+        if folder.exists():
+            assert outcome != SUCCEEDED, f"{context}: Remove succeeded but {folder} is there"
+            if not (folder / "metadata.json").exists():
+                if outcome == CRASHED:
+                    assert warned_about(log, folder), (
+                        f"{context}: {folder} has no metadata.json and the restart neither "
+                        f"removed it nor warned about it:\n{log}"
+                    )
+            else:
+                missing = {"upper", "activemounts"} - set(os.listdir(folder))
+                assert not missing, (
+                    f"{context}: a half-removed volume is visible (List shows it) but lacks "
+                    f"{sorted(missing)}, so it cannot mount: {sorted(os.listdir(folder))}"
+                )
+                mountpoint = Path(client.mount(VOLUME, "probe"))
+                assert (mountpoint / "kept.txt").read_text() == "base kept\n"
+                client.unmount(VOLUME, "probe")
+                assert_invariant(ws.root, f"{context}, probe")
+        client.ok(REMOVE, {"Name": VOLUME})  # the retry; a no-op when it is gone
+        assert not folder.exists(), f"{context}: {sorted(os.listdir(folder))}"
+        assert mounts_under(ws.root) == [], f"{context}: {mounts_under(ws.root)}"
+        assert VOLUME not in client.names()
+        assert snapshot(ws.base) == expectation.base, f"{context}: the base changed"
+        return
+
+    # Mount and Unmount never remove a volume.
+    assert set(os.listdir(folder)) >= CLEAN_ENTRIES, f"{context}: {sorted(os.listdir(folder))}"
+    records = read_records(folder)
+    before, after = dict(scenario.users), scenario.records_after()
+    if outcome == SUCCEEDED:
+        assert records == after, f"{context}: records {records}, expected {after}"
+    elif outcome == FAILED and scenario.endpoint == MOUNT:
+        assert records == before, f"{context}: a failed Mount changed the records: {records}"
+    else:
+        assert records in (before, after), (
+            f"{context}: records {records} are neither the old {before} nor the new {after}"
+        )
+    succeeded = outcome == SUCCEEDED
+    if outcome == FAILED and scenario.endpoint == MOUNT:
+        assert scenario.mount_id is not None
+        client.mount(VOLUME, scenario.mount_id)  # dockerd's next try
+        succeeded = True
+    # A crash between the record and the answer leaks the request's own count: dockerd
+    # never sends an Unmount for a Mount that failed, nor again for one that failed.
+    may_leak = {scenario.mount_id: 1} if outcome == CRASHED and scenario.mount_id else {}
+    check_usable_and_release(
+        ws,
+        client,
+        expectation,
+        live=scenario.live_users(succeeded=succeeded),
+        may_leak=may_leak,
+        context=context,
+    )
