@@ -7,7 +7,6 @@ just no information.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
@@ -29,15 +28,23 @@ _LISTING_TIMEOUT_S = 120.0
 _HOLDING_STATES = frozenset({"running", "paused", "restarting"})
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+def _get(path: Path, target: str, timeout: float) -> tuple[int, bytes]:
+    """One GET over HTTP/1.0, so the answer is neither chunked nor kept alive.
 
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(str(self._path))
+    (http.client would load ssl, several MB, for nothing in a long-lived daemon.)
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        connection.connect(str(path))
+        connection.sendall(f"GET {target} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if len(status_line) < 2 or not status_line[1].isdigit():
+        raise ValueError(f"not an HTTP answer: {head[:80]!r}")
+    return int(status_line[1]), body
 
 
 def api_socket() -> Path:
@@ -51,20 +58,15 @@ def volume_users(
 ) -> Counter[str] | None:
     """How many live containers use each volume of `driver_name`; None when dockerd
     cannot be asked."""
-    connection = _UnixConnection(path or api_socket(), timeout)
     try:
-        connection.request("GET", "/containers/json?all=1")
-        response = connection.getresponse()
-        body = response.read()
-        if response.status != 200:
-            log.warning("dockerd answered %d to a container listing", response.status)
+        status, body = _get(path or api_socket(), "/containers/json?all=1", timeout)
+        if status != 200:
+            log.warning("dockerd answered %d to a container listing", status)
             return None
         containers = json.loads(body)
-    except (OSError, ValueError, http.client.HTTPException) as error:
+    except (OSError, ValueError) as error:
         log.info("dockerd cannot be asked which containers run: %s", error)
         return None
-    finally:
-        connection.close()
     users: Counter[str] = Counter()
     for container in containers if isinstance(containers, list) else []:
         if container.get("State") not in _HOLDING_STATES:
@@ -89,12 +91,9 @@ def register_driver(
     query = urllib.parse.urlencode({"filters": json.dumps({"driver": [driver_name]})})
     deadline = time.monotonic() + patience
     while True:
-        connection = _UnixConnection(path or api_socket(), _LISTING_TIMEOUT_S)
         try:
-            connection.request("GET", f"/volumes?{query}")
-            response = connection.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException) as error:
+            status, body = _get(path or api_socket(), f"/volumes?{query}", _LISTING_TIMEOUT_S)
+        except (OSError, ValueError) as error:
             if time.monotonic() + pause > deadline:
                 log.info(
                     "driver %s not registered with dockerd, which did not answer (%s); "
@@ -105,12 +104,10 @@ def register_driver(
                 return False
             time.sleep(pause)
             continue
-        finally:
-            connection.close()
-        if response.status != 200:
+        if status != 200:
             log.warning(
                 "dockerd answered %d to a listing of driver %s's volumes: %s",
-                response.status,
+                status,
                 driver_name,
                 body[:200].decode(errors="replace"),
             )

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 from contextlib import suppress
 from dataclasses import dataclass
@@ -242,7 +241,7 @@ class Volume:
         """Remove the folder: first out of sight (one rename), then its content, so a
         crash never leaves a half-removed volume that looks like a volume."""
         # Not named after the volume: a name of NAME_MAX bytes leaves no room for a prefix.
-        doomed = self.folder.with_name(f"{REMOVED_PREFIX}{secrets.token_hex(8)}")
+        doomed = self.folder.with_name(f"{REMOVED_PREFIX}{os.urandom(8).hex()}")
         os.rename(self.folder, doomed)
         shutil.rmtree(doomed)
 
@@ -281,7 +280,13 @@ class Volume:
     def remove_mount_folders(self) -> None:
         with suppress(FileNotFoundError):
             self.mountpoint.rmdir()
-        with suppress(FileNotFoundError):
+        try:
+            # After a clean unmount the kernel leaves only an empty work/ behind.
+            (self.workdir / "work").rmdir()
+            self.workdir.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
             shutil.rmtree(self.workdir)
 
     def discard_changes(self) -> None:
