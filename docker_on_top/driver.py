@@ -7,6 +7,7 @@ method here and encodes what it returns; a raised PluginError becomes `{"Err": .
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -595,7 +596,7 @@ class Driver:
             )
         if len(os.fsencode(name)) > NAME_MAX_BYTES:
             raise UserError(f"volume name is too long (at most {NAME_MAX_BYTES} bytes)")
-        return Volume(self.root, name)
+        return _volume_at(self.root, name)
 
     def _volumes(self) -> Iterator[Volume]:
         try:
@@ -604,7 +605,7 @@ class Driver:
             raise InternalError("failed to list the state root", error) from error
         for entry in entries:
             if entry.is_dir(follow_symlinks=False) and NAME_PATTERN.fullmatch(entry.name):
-                yield Volume(self.root, entry.name)
+                yield _volume_at(self.root, entry.name)
 
     def _info(self, volume: Volume, *, with_status: bool = False) -> VolumeInfo:
         """What Get and List say of a volume: only what is on disk, and never a failure.
@@ -775,6 +776,13 @@ class Driver:
             log.warning("volume %s: its mountpoint is still mounted; detaching it", volume.name)
             kernel.unmount(volume.mountpoint, flags=kernel.MNT_FORCE | kernel.MNT_DETACH)
         raise OSError(errno.EBUSY, "mountpoint stays mounted", str(volume.mountpoint))
+
+
+@functools.lru_cache(maxsize=4096)
+def _volume_at(root: Path, name: str) -> Volume:
+    # A Volume holds only paths derived from its name; building them is a good part of
+    # a request's own cost, so the objects of busy volumes are kept.
+    return Volume(root, name)
 
 
 def _remove_quietly(volume: Volume, folders: list[Path]) -> None:
