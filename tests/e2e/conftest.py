@@ -10,6 +10,10 @@ Environment knobs (all optional):
   there instead of deleting them with the session folder.
 * ``DOT_E2E_DOCKERD_ARGS``: extra flags for the dockerd the harness starts.
 * ``DOT_E2E_SOURCE``: run the plugin from another checkout (default: this repo).
+* ``DOT_E2E_MODE``: ``legacy`` or ``managed`` runs the ``dot`` tests against
+  that kind of plugin only.  Unset (as in CI), every ``dot`` test runs against
+  the legacy plugin, and those of ``MANAGED_MODULES`` against the managed one
+  as well (their test IDs end in ``legacy``/``managed``).
 
 What the fixtures do:
 
@@ -27,6 +31,12 @@ What the fixtures do:
   its root and deletes its folders - also when the test failed.  It builds the
   plugin with the ``plugin_class`` fixture (default ``Plugin``), which a test
   module may override to run the plugin another way.
+* ``managed_plugin`` (session): for the managed runs, builds the managed
+  plugin with ``packaging/plugin/build.py`` (its rootfs is cached outside the
+  repo), ``docker plugin create``s it under a private name with
+  ``LOG_LEVEL=debug``, and removes it at the end.  ``ManagedPlugin`` enables it
+  for each test on an emptied state root (its propagated mount) and disables it
+  after; its log is read from dockerd's.
 
 Everything here talks to docker through the ``docker`` CLI (subprocess, with
 a timeout on every call).  Nothing is ever stopped by name: only processes this
@@ -55,11 +65,16 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+E2E_DIR = Path(__file__).resolve().parent
+REPO_ROOT = E2E_DIR.parents[1]
 # Where the plugin's `docker_on_top` package is taken from (default: this repo).
 PLUGIN_SOURCE = Path(os.environ.get("DOT_E2E_SOURCE") or REPO_ROOT).resolve()
 DOCKER_SOCK = "/var/run/docker.sock"
 PLUGIN_DIR = "/run/docker/plugins"
+MODES = ("legacy", "managed")
+# The modules whose ``dot`` tests run against the managed plugin as well: the core
+# scenarios (SPEC A6, docker cp, the volume commands) and the single-node swarm.
+MANAGED_MODULES = frozenset({"test_e2e_original", "test_e2e_docker", "test_e2e_swarm"})
 
 # Every docker call gets a timeout.  dockerd itself gives a plugin 2 minutes
 # for Create and Mount, so a container start may legitimately take that long.
@@ -72,6 +87,48 @@ def pytest_configure(config):
         "markers",
         "e2e: end-to-end test against a real dockerd (needs root; starts dockerd when none runs)",
     )
+
+
+def wanted_modes(module):
+    """The kinds of plugin the `dot` tests of `module` run against (DOT_E2E_MODE)."""
+    wanted = os.environ.get("DOT_E2E_MODE", "")
+    if wanted not in ("", *MODES):
+        raise pytest.UsageError(f"DOT_E2E_MODE={wanted!r}: use one of {', '.join(MODES)}")
+    if module not in MANAGED_MODULES:
+        return () if wanted == "managed" else ("legacy",)
+    return (wanted,) if wanted else MODES
+
+
+def pytest_generate_tests(metafunc):
+    if "dot" not in metafunc.fixturenames:
+        return
+    modes = wanted_modes(metafunc.module.__name__.rpartition(".")[2])
+    if modes != ("legacy",):
+        metafunc.parametrize("plugin_mode", modes)
+
+
+def pytest_collection_modifyitems(config, items):
+    # DOT_E2E_MODE=managed: a `dot` test that cannot run managed is not run at all.
+    keep, drop = [], []
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        unwanted = "dot" in getattr(item, "fixturenames", ()) and not wanted_modes(module)
+        (drop if unwanted else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    # The managed runs go first among these tests: once a legacy plugin of the session has
+    # run and stopped, dockerd retries its dead socket for ~15 s in every `docker volume
+    # ls`, and for every volume name it does not know.
+    here = [i for i, item in enumerate(keep) if item.path.is_relative_to(E2E_DIR)]
+    ordered = sorted((keep[i] for i in here), key=lambda item: _mode_of(item) != "managed")
+    for i, item in zip(here, ordered, strict=True):
+        keep[i] = item
+    items[:] = keep
+
+
+def _mode_of(item):
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("plugin_mode") if callspec else None
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -577,13 +634,108 @@ class Plugin:
     def log(self, lines=300):
         return tail(self.log_path, lines)
 
+    @property
+    def driver(self):
+        """The name docker knows the driver by."""
+        return self.name
+
+    def exited(self):
+        """True when the plugin was started and is no longer running."""
+        return self.proc is not None and self.proc.poll() is not None
+
+
+def empty_state_root(root: Path):
+    """Unmounts what is left under a state root and deletes its content."""
+    if not root.is_dir():  # a managed plugin's, before it was first enabled
+        return
+    left = unmount_all_under(root)
+    if left:
+        raise CommandError(f"cannot unmount {[m['mountpoint'] for m in left]}")
+    sh(["chattr", "-R", "-i", root], check=False, timeout=60)
+    for entry in root.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+class ManagedPluginInstall:
+    """The managed plugin of the session, created (and not enabled) by ``managed_plugin``."""
+
+    def __init__(self, name, plugin_id, root: Path):
+        self.name = name
+        self.id = plugin_id
+        self.root = root  # the propagated mount as dockerd's host sees it
+
+
+class ManagedPlugin(Plugin):
+    """The session's managed plugin, enabled for one test on an emptied state root.
+
+    dockerd runs it; its output goes to dockerd's log with ``plugin=<ID>``."""
+
+    def __init__(self, managed: ManagedPluginInstall, dockerd: Dockerd):
+        super().__init__(managed.name, managed.root, None, dockerd.log_path)
+        self.managed = managed
+        self.dockerd = dockerd
+        self._log_start = dockerd.log_path.stat().st_size if dockerd.ours else 0
+        self._emptied = False
+
+    @property
+    def driver(self):
+        return f"{self.name}:latest"
+
+    def start(self, timeout=60):
+        if not self._emptied:
+            empty_state_root(self.root)
+            self._emptied = True
+        res = sh(["docker", "plugin", "enable", self.name], check=False, timeout=timeout)
+        if res.returncode != 0:
+            pytest.fail(
+                f"the managed plugin could not be enabled:\n{describe(res)}\n"
+                f"its log:\n{self.log()}",
+                pytrace=False,
+            )
+
+    def enabled(self):
+        res = sh(["docker", "plugin", "inspect", "-f", "{{.Enabled}}", self.name], check=False)
+        return res.stdout.strip() == "true"
+
+    def exited(self):
+        return not self.enabled()
+
+    def kill(self):
+        pytest.fail("a managed plugin cannot be killed by the tests", pytrace=False)
+
+    def stop(self):
+        if not self.enabled():
+            return
+        res = sh(["docker", "plugin", "disable", "--force", self.name], check=False)
+        if res.returncode != 0:
+            self.problems.append(f"the managed plugin could not be disabled: {res.stderr.strip()}")
+
+    def log(self, lines=300):
+        if not self.dockerd.ours:
+            return (
+                "<the managed plugin logs to dockerd's log; dockerd was not started by the tests>"
+            )
+        with open(self.dockerd.log_path, "rb") as f:
+            f.seek(self._log_start)
+            text = f.read().decode(errors="replace")
+        mark = f"plugin={self.managed.id}"
+        found = [
+            m.group(1).replace('\\"', '"')
+            for line in text.splitlines()
+            if mark in line and (m := re.search(r'msg="(.*)" plugin=', line))
+        ]
+        return "\n".join(found[-lines:])
+
 
 class DotE2E:
     """What a test gets: the plugin plus helpers around the docker CLI."""
 
     def __init__(self, plugin: Plugin, image: str, workdir: Path, dockerd: Dockerd):
         self.plugin = plugin
-        self.driver = plugin.name
+        self.driver = plugin.driver
         self.root = plugin.root
         self.image = image
         self.workdir = workdir
@@ -599,7 +751,7 @@ class DotE2E:
     def new_name(self, kind="v"):
         """A fresh volume/container name, private to this test."""
         self._n += 1
-        return f"{self.driver}-{self._tag}-{kind}{self._n}"
+        return f"{self.plugin.name}-{self._tag}-{kind}{self._n}"
 
     def make_base(self, files=None):
         """A fresh base folder for this test (default content: a=123, b=456)."""
@@ -818,9 +970,49 @@ def driver_name():
     return f"dot-e2e-{secrets.token_hex(4)}"
 
 
+@pytest.fixture(scope="session")
+def managed_plugin_folder(host_tools, e2e_tmp):
+    """The managed plugin's folder (config.json, rootfs/), built from PLUGIN_SOURCE."""
+    folder = e2e_tmp / "managed-plugin"
+    sh(
+        [sys.executable, PLUGIN_SOURCE / "packaging" / "plugin" / "build.py", "--out", folder],
+        timeout=900,
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def managed_plugin(dockerd, managed_plugin_folder, driver_name):
+    """The managed plugin, created (not enabled) once on the tests' dockerd."""
+    name = f"{driver_name}-managed"
+    sh(["docker", "plugin", "create", name, managed_plugin_folder], timeout=300)
+    root = None
+    try:
+        sh(["docker", "plugin", "set", name, "LOG_LEVEL=debug"])
+        plugin_id = sh(["docker", "plugin", "inspect", "-f", "{{.Id}}", name]).stdout.strip()
+        data_root = sh(["docker", "info", "-f", "{{.DockerRootDir}}"]).stdout.strip()
+        root = Path(data_root) / "plugins" / plugin_id / "propagated-mount"
+        yield ManagedPluginInstall(name, plugin_id, root)
+    finally:
+        sh(["docker", "plugin", "disable", "--force", name], check=False)
+        if root is not None:
+            with contextlib.suppress(CommandError, OSError):
+                empty_state_root(root)
+        sh(["docker", "plugin", "rm", "--force", name], check=False, timeout=T_SHORT)
+
+
 @pytest.fixture
-def plugin_class():
+def plugin_mode():
+    """legacy (a socket-file plugin) or managed; see DOT_E2E_MODE."""
+    return "legacy"
+
+
+@pytest.fixture
+def plugin_class(request, plugin_mode, dockerd):
     """How `dot` runs the plugin; a test module may override this fixture with a subclass."""
+    if plugin_mode == "managed":
+        managed = request.getfixturevalue("managed_plugin")
+        return lambda *_: ManagedPlugin(managed, dockerd)
     return Plugin
 
 
@@ -846,7 +1038,7 @@ def dot(request, dockerd, image, e2e_tmp, driver_name, plugin_class):
     finally:
         notes = []
         try:
-            if started and plugin.proc.poll() is not None:
+            if started and plugin.exited():
                 # e.g. a test killed it: it must be up so volumes can be removed
                 try:
                     plugin.start()

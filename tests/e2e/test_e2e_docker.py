@@ -126,13 +126,14 @@ def test_compose_style_volume_is_volatile(dot):
     (compose-go sends the Engine API a volume named <project>_data, with both
     options as strings and its labels)."""
     base = dot.make_base()
-    vol = f"{dot.driver}_data"
+    project = dot.new_name("project")
+    vol = f"{project}_data"
     dot.create_volume(
         base,
         volatile="true",
         name=vol,
         labels=[
-            f"com.docker.compose.project={dot.driver}",
+            f"com.docker.compose.project={project}",
             "com.docker.compose.volume=data",
             "com.docker.compose.version=2.27.0",
         ],
