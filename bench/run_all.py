@@ -39,6 +39,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+import changes_walk  # noqa: E402
 import docker_bench  # noqa: E402
 import kernel_floor  # noqa: E402
 import protocol  # noqa: E402
@@ -406,6 +407,9 @@ def report(results: dict) -> str:
     if proto and proto.get("errors"):
         lines += ["", "Unexpected failures in the protocol part (first ones):"]
         lines += [f"  {error}" for error in proto["errors"]]
+    walk = results.get("changes_walk")
+    if walk:
+        lines += ["", changes_walk.report(walk)]
     return "\n".join(lines)
 
 
@@ -496,6 +500,8 @@ def run(arguments: argparse.Namespace, workspace: Path, daemons: list[Daemon]) -
 
     log("kernel floor")
     results["kernel_floor"] = kernel_floor.run(str(workspace), iterations=iterations, warmup=20)
+    log("diff and export of a large upper against a find walk")
+    results["changes_walk"] = changes_walk.run(10_000 if arguments.quick else 100_000)
 
     daemon = Daemon(name, root, socket_path, workspace / "daemon.log")
     daemons.append(daemon)
