@@ -800,13 +800,13 @@ class DotE2E:
             args += ["-v", f"{src}:{target}"]
         return args + list(extra)
 
-    def run(self, script, volumes=(), binds=(), extra=(), check=True, timeout=T_RUN):
-        """`docker run --rm` of `sh -e -c script`; returns CompletedProcess."""
+    def _container(self, mode, script, volumes, binds, extra, timeout):
+        """`docker run MODE ... sh -e -c script` under a fresh name: (name, CompletedProcess)."""
         name = self.new_name("c")
         self.containers.append(name)
         res = self.docker(
             "run",
-            "--rm",
+            mode,
             *self._run_args(name, volumes, binds, extra),
             self.image,
             "sh",
@@ -816,26 +816,18 @@ class DotE2E:
             timeout=timeout,
             check=False,
         )
+        return name, res
+
+    def run(self, script, volumes=(), binds=(), extra=(), check=True, timeout=T_RUN):
+        """`docker run --rm` of `sh -e -c script`; returns CompletedProcess."""
+        _, res = self._container("--rm", script, volumes, binds, extra, timeout)
         if check:
             assert res.returncode == 0, "container failed:\n" + describe(res)
         return res
 
     def start(self, script, volumes=(), binds=(), extra=(), check=True, timeout=T_RUN):
         """`docker run -d`; returns the container name (or the CompletedProcess if check=False)."""
-        name = self.new_name("c")
-        self.containers.append(name)
-        res = self.docker(
-            "run",
-            "-d",
-            *self._run_args(name, volumes, binds, extra),
-            self.image,
-            "sh",
-            "-e",
-            "-c",
-            script,
-            timeout=timeout,
-            check=False,
-        )
+        name, res = self._container("-d", script, volumes, binds, extra, timeout)
         if check:
             assert res.returncode == 0, "could not start container:\n" + describe(res)
             return name
