@@ -488,7 +488,8 @@ class Driver:
         and the records of a volume no live container uses. A volume a live container
         uses is never unmounted.
         """
-        volumes = [self._volume(name)] if name is not None else list(self._volumes())
+        # Lazily: the start-up check walks every volume and need not hold them all.
+        volumes = [self._volume(name)] if name is not None else self._volumes()
         findings: list[Finding] = []
         for volume in volumes:
             try:

@@ -22,12 +22,15 @@ are test clients, not containers.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ..protocol import conftest as protocol_fixtures
 from ..protocol.conftest import Daemon, PluginClient, Workspace
+
+# The same temporary workspace as the protocol tests.
+ws = protocol_fixtures.ws
 
 
 def daemon_env(ws: Workspace) -> dict[str, str]:
@@ -49,17 +52,6 @@ def proc_status(pid: int) -> dict[str, int]:
         if words and words[0].isdigit():
             fields[name] = int(words[0])
     return fields
-
-
-@pytest.fixture
-def ws() -> Iterator[Workspace]:
-    if os.geteuid() != 0:
-        pytest.fail("the load tests mount overlays and must run as root")
-    workspace = Workspace()
-    try:
-        yield workspace
-    finally:
-        workspace.cleanup()
 
 
 @pytest.fixture
