@@ -2,6 +2,7 @@
 """`make bench`: every benchmark against a temporary daemon of ours.
 
     python3 bench/run_all.py [--quick] [--no-docker] [--private-dockerd] [--json FILE]
+                             [--compare SOCKET [--compare-state-dir DIR]]
 
 Writes bench/results/latest.json and prints a table. Needs root. The daemon runs under a
 private driver name (dot-bench-<random>) with a temporary state root and socket under
@@ -12,6 +13,10 @@ failure or Ctrl-C. The docker-level part uses the dockerd that `docker info` rea
 
 With --private-dockerd it starts a dockerd of its own instead (own data root, exec root,
 socket and pidfile under the temporary folder) and stops it by its PID at the end.
+
+With --compare, bench/protocol.py also measures another implementation of the protocol
+already serving on SOCKET (the Go original, say), right after ours in the same run; its
+figures then replace the issue's reference values in the targets and the table.
 
 The figures never fail anything: the exit status is 0 once the benchmarks ran, whatever
 they show. Targets and the Go original's reference figures are printed beside them.
@@ -45,8 +50,8 @@ import kernel_floor  # noqa: E402
 import protocol  # noqa: E402
 
 # The Go original (docker-on-top v0.1.2), measured on this kind of machine with the same
-# kind of client, as quoted in the benchmark issue. It cannot be built here (no Go
-# toolchain), so these are reference values, not figures of this run.
+# kind of client, as quoted in the benchmark issue: the comparison when no --compare
+# socket measures it in the same run.
 GO_REFERENCE = {
     "Mount_p50_us": 631,
     "Unmount_p50_us": 1064,
@@ -184,9 +189,33 @@ def machine(scratch: Path) -> dict[str, object]:
 # --- targets -----------------------------------------------------------------------------
 
 
+def go_figures(results: dict) -> dict:
+    """The Go original's figures: measured in this run with --compare, else the issue's."""
+    compared = (results.get("compared") or {}).get("protocol")
+    if not compared:
+        return GO_REFERENCE
+    keep = compared["latency"]["keepalive"]["endpoints"]
+    bursts = compared["bursts"]["one_volume"]
+    memory = compared["memory"]
+    return {
+        **GO_REFERENCE,
+        "Mount_p50_us": keep["Mount"]["p50"],
+        "Unmount_p50_us": keep["Unmount"]["p50"],
+        "Create_p50_us": keep["Create"]["p50"],
+        "Remove_p50_us": keep["Remove"]["p50"],
+        "round_trip_p50_us": keep["Capabilities"]["p50"],
+        "burst_one_volume_mount_ms": bursts["mount_ms"]["median"],
+        "burst_one_volume_unmount_ms": bursts["unmount_ms"]["median"],
+        "rss_idle_mb": round(((memory.get("idle") or {}).get("vmrss_mib") or 0) / MB, 1),
+        "rss_after_load_mb": round(
+            ((memory.get("after_20k_requests") or {}).get("vmrss_mib") or 0) / MB, 1
+        ),
+    }
+
+
 def targets(results: dict) -> list[dict]:
     """Each target of the issue: what was measured, the limit, met or not."""
-    go = GO_REFERENCE
+    go = go_figures(results)
     checks: list[tuple[str, float | None, float, str]] = []
     proto = results.get("protocol") or {}
     if proto:
@@ -244,7 +273,8 @@ def _row(label: str, figures: dict, width: int = 26) -> str:
 
 
 def report(results: dict) -> str:
-    go = GO_REFERENCE
+    go = go_figures(results)
+    compared = results.get("compared")
     info = results["machine"]
     lines = [
         f"docker-on-top benchmarks, {results['generated']} ({results['duration_s']:.0f} s in all)",
@@ -252,8 +282,12 @@ def report(results: dict) -> str:
         f"{info['kernel']}, Python {info['python']}; state root on "
         f"{info['state_root_filesystem'].split()[0]}; load average "
         f"{info['load_average_at_start'][0]} at start, {info['load_average_at_end'][0]} at the end",
-        f"commit {info['commit']}; Go figures: the issue's reference values for the Go original "
-        "(not measured in this run)",
+        f"commit {info['commit']}; Go figures: "
+        + (
+            f"measured in this run on {compared['socket']} (--compare)"
+            if compared
+            else "the issue's reference values for the Go original (not measured in this run)"
+        ),
     ]
     proto = results.get("protocol")
     if proto:
@@ -263,6 +297,9 @@ def report(results: dict) -> str:
             "Create": go["Create_p50_us"], "Remove": go["Remove_p50_us"],
             "Capabilities": go["round_trip_p50_us"],
         }  # fmt: skip
+        if compared:
+            measured = compared["protocol"]["latency"]["keepalive"]["endpoints"]
+            reference = {endpoint: round(figures["p50"]) for endpoint, figures in measured.items()}
         lines += [
             "",
             "Latency, µs       keep-alive: p50     p90     p99 |  new conn: p50     p90     p99 |"
@@ -290,12 +327,18 @@ def report(results: dict) -> str:
             lines.append(f"{_row('  ' + label, floor[key], 40)} |{then:>8}")
         if proto:
             keep = proto["latency"]["keepalive"]["endpoints"]
+            mount_floor, unmount_floor = (
+                (floor["mount_bare"]["p50"], floor["unmount_bare"]["p50"])
+                if compared
+                else (go["floor_mount_us"], go["floor_unmount_us"])
+            )
             lines.append(
                 "  daemon p50 above the bare floor: Mount "
                 f"{keep['Mount']['p50'] - floor['mount_bare']['p50']:.0f} µs, Unmount "
-                f"{keep['Unmount']['p50'] - floor['unmount_bare']['p50']:.0f} µs (Go, from the "
-                f"reference figures: {go['Mount_p50_us'] - go['floor_mount_us']} / "
-                f"{go['Unmount_p50_us'] - go['floor_unmount_us']} µs)"
+                f"{keep['Unmount']['p50'] - floor['unmount_bare']['p50']:.0f} µs (Go"
+                f"{' in this run' if compared else ', from the reference figures'}: "
+                f"{go['Mount_p50_us'] - mount_floor:.0f} / "
+                f"{go['Unmount_p50_us'] - unmount_floor:.0f} µs)"
             )
     cpu = (proto or {}).get("cpu") or {}
     if "Mount+Unmount" in cpu:
@@ -323,10 +366,13 @@ def report(results: dict) -> str:
                 f"{burst['unmount_ms']['median']:6.1f} ms (median of {burst['rounds']}); "
                 f"final state exact: {'yes' if burst['exact'] else 'NO'}"
             )
-        lines.append(
-            f"  (Go: 1 volume x 50 IDs, mount {go['burst_one_volume_mount_ms']} ms, "
-            f"unmount {go['burst_one_volume_unmount_ms']} ms)"
-        )
+        go_bursts = f"1 volume x 50 IDs, mount {go['burst_one_volume_mount_ms']} ms, unmount "
+        go_bursts += f"{go['burst_one_volume_unmount_ms']} ms"
+        if compared:
+            many = compared["protocol"]["bursts"]["many_volumes"]
+            go_bursts += f"; 50 volumes, mount {many['mount_ms']['median']} ms, unmount "
+            go_bursts += f"{many['unmount_ms']['median']} ms"
+        lines.append(f"  (Go: {go_bursts})")
         memory = proto["memory"]
         lines.append("")
         for key, label in (
@@ -481,6 +527,24 @@ def tmpfs_part(workspace: Path, name: str, iterations: int, daemons: list[Daemon
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def compare(arguments: argparse.Namespace, workspace: Path, iterations: int, scale: int) -> dict:
+    """bench/protocol.py against the other implementation on --compare, as for ours."""
+    log(f"the same protocol benchmark against {arguments.compare} (--compare)")
+    output = workspace / "compared.json"
+    command = [
+        sys.executable, str(BENCH / "protocol.py"), "--socket", arguments.compare,
+        "--json", str(output), "--quiet", "--iterations", str(iterations),
+    ]  # fmt: skip
+    if arguments.compare_state_dir:
+        command += ["--state-dir", arguments.compare_state_dir, "--scale", str(scale)]
+    else:
+        command += ["--parts", "latency,cpu,bursts,memory"]
+    completed = subprocess.run(command, check=False)
+    if completed.returncode != 0 or not output.exists():
+        raise RuntimeError(f"bench/protocol.py on {arguments.compare} failed")
+    return {"socket": arguments.compare, "protocol": json.loads(output.read_text())}
+
+
 def run(arguments: argparse.Namespace, workspace: Path, daemons: list[Daemon]) -> dict:
     started = time.perf_counter()
     name = f"dot-bench-{secrets.token_hex(4)}"
@@ -527,6 +591,8 @@ def run(arguments: argparse.Namespace, workspace: Path, daemons: list[Daemon]) -
     proto = json.loads(protocol_json.read_text())
     results["protocol"] = proto
     stop_10k = daemon.stop()
+    if arguments.compare:
+        results["compared"] = compare(arguments, workspace, iterations, scale)
 
     log(f"start-up with {scale} volumes, 3 times")
     clean = []
@@ -606,6 +672,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--json", type=Path, default=BENCH / "results" / "latest.json", help="results file"
+    )
+    parser.add_argument(
+        "--compare",
+        metavar="SOCKET",
+        help="also measure another implementation already serving on SOCKET (the Go original)",
+    )
+    parser.add_argument(
+        "--compare-state-dir",
+        metavar="DIR",
+        help="its state root: adds the on-disk checks and the scale part for it",
     )
     arguments = parser.parse_args(argv)
     if os.geteuid() != 0:

@@ -7,11 +7,11 @@ method here and encodes what it returns; a raised PluginError becomes `{"Err": .
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -22,7 +22,15 @@ from typing import BinaryIO
 
 from . import changes, kernel
 from .errors import InternalError, PluginError, UserError
-from .volume import NAME_MAX_BYTES, NAME_PATTERN, REMOVED_PREFIX, Metadata, Volume, rfc3339
+from .volume import (
+    NAME_MAX_BYTES,
+    NAME_PATTERN,
+    REMOVED_PREFIX,
+    Metadata,
+    MetadataCache,
+    Volume,
+    rfc3339,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,7 @@ PODMAN_MOUNT_ID = "2f73349cfc4630255319c6c8dfc1b46a8996ace9d14d8e07563b165915918
 # Removing a volume detaches mounts stacked on its mountpoint by earlier failures; a
 # bound keeps a mountpoint that refuses to become free from looping forever.
 _MAX_STACKED_MOUNTS = 16
+_THREAD_LOCK_STRIPES = 256
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,10 @@ class Driver:
         # the thread holding that volume's lock touches its entry. Also kept on disk
         # (unreleased.json) so that a restart does not forget them.
         self._unreleased: dict[str, Counter[str]] = {}
+        self._metadata_cache = MetadataCache()
+        # Striped, as a lock per volume would have to be forgotten again; two volumes
+        # that share a stripe only take turns. Never hold two: stripes can coincide.
+        self._thread_locks = [threading.Lock() for _ in range(_THREAD_LOCK_STRIPES)]
 
     # --- start-up -----------------------------------------------------------------
 
@@ -182,7 +195,7 @@ class Driver:
                 with os.scandir(volume.upper) as changes:
                     if next(changes, None) is not None:
                         return False
-            if volume.records.folder.exists() and volume.records.in_use():
+            if volume.records.exists() and volume.records.in_use():
                 return False
             if volume.metadata_path.exists():
                 return False
@@ -223,13 +236,19 @@ class Driver:
         )
 
     def list_volumes(self) -> list[VolumeInfo]:
-        return [self._info(volume) for volume in self._volumes()]
+        # One read of the mount table rather than a look into each volume's records.
+        mounted = kernel.mount_points()
+        real_root = os.path.realpath(self.root)
+        return [
+            self._listed(volume, mounted=f"{real_root}/{volume.name}/mountpoint" in mounted)
+            for volume in self._volumes()
+        ]
 
     def get(self, name: str) -> VolumeInfo:
         volume = self._volume(name)
         if not volume.exists():
             raise UserError(NO_SUCH_VOLUME)
-        return self._info(volume, with_status=True)
+        return self._info(volume)
 
     def path(self, name: str) -> str:
         volume = self._volume(name)
@@ -240,11 +259,12 @@ class Driver:
     def remove(self, name: str) -> None:
         volume = self._volume(name)
         self._unreleased.pop(name, None)
+        self._metadata_cache.forget(name)
         if not volume.exists():
             return
         try:
             # A folder left by a cut-short create may have no activemounts/ to lock.
-            has_records = volume.records.folder.is_dir()
+            has_records = volume.records.exists()
             with volume.records.lock() if has_records else nullcontext():
                 if has_records and volume.records.in_use():
                     # Records go before the overlay, as at every unmount.
@@ -282,7 +302,7 @@ class Driver:
                 self._mount_overlay(volume, metadata, discard_changes=first_user)
                 mounted_here = True
             try:
-                count = self._usage_count(volume, mount_id) or 0
+                count = 0 if first_user else self._usage_count(volume, mount_id) or 0
                 volume.records.set(mount_id, count + 1)
             except OSError as error:
                 # No record may exist without a mount, nor a mount we made without a record.
@@ -398,13 +418,13 @@ class Driver:
 
     def details(self, name: str) -> VolumeDetails:
         volume = self._volume(name)
-        metadata = self._metadata(volume)
+        metadata, created_at = self._metadata_and_creation(volume)
         try:
             return VolumeDetails(
                 name=name,
                 base=metadata.base_dir,
                 volatile=metadata.volatile,
-                created_at=volume.created_at(metadata),
+                created_at=created_at,
                 mountpoint=str(volume.mountpoint),
                 mounted=kernel.is_mount_point(volume.mountpoint),
                 mounts={i: self._usage_count(volume, i) or 0 for i in volume.records.ids()},
@@ -597,7 +617,7 @@ class Driver:
             )
         if len(os.fsencode(name)) > NAME_MAX_BYTES:
             raise UserError(f"volume name is too long (at most {NAME_MAX_BYTES} bytes)")
-        return _volume_at(self.root, name)
+        return Volume(self.root, name)
 
     def _volumes(self) -> Iterator[Volume]:
         try:
@@ -606,26 +626,18 @@ class Driver:
             raise InternalError("failed to list the state root", error) from error
         for entry in entries:
             if entry.is_dir(follow_symlinks=False) and NAME_PATTERN.fullmatch(entry.name):
-                yield _volume_at(self.root, entry.name)
+                yield Volume(self.root, entry.name)
 
-    def _info(self, volume: Volume, *, with_status: bool = False) -> VolumeInfo:
-        """What Get and List say of a volume: only what is on disk, and never a failure.
+    # What Get and List say of a volume is only what is on disk, and never a failure:
+    # dockerd forgets a volume whose Get fails, so a passing problem only leaves fields
+    # empty. Get comes before every Mount and Unmount, so it costs a few small reads,
+    # never a walk of the changes.
 
-        dockerd forgets a volume whose Get fails, so a passing problem only leaves
-        fields empty. The status costs a few small reads, never a walk of the changes:
-        Get comes before every Mount and Unmount.
-        """
-        status: dict[str, object] = {}
-        created_at = ""
-        try:
-            metadata = volume.read_metadata()
-            created_at = volume.created_at(metadata)
-            status.update(Base=metadata.base_dir, Volatile=metadata.volatile)
-        except (OSError, ValueError) as error:
-            log.warning("volume %s: cannot read its metadata: %s", volume.name, error)
+    def _info(self, volume: Volume) -> VolumeInfo:
+        created_at, status = self._described(volume)
         mounts = 0
         try:
-            mounts = self._total_uses(volume) if with_status else int(volume.records.in_use())
+            mounts = self._total_uses(volume)
         except OSError as error:
             log.warning("volume %s: cannot read its usage records: %s", volume.name, error)
         status.update(Mounted=mounts > 0, ActiveMounts=mounts)
@@ -633,15 +645,36 @@ class Driver:
             name=volume.name,
             mountpoint=_mountpoint_reply(volume) if mounts else "",
             created_at=created_at,
-            status=status if with_status else {},
+            status=status,
         )
+
+    def _listed(self, volume: Volume, *, mounted: bool) -> VolumeInfo:
+        created_at, _ = self._described(volume)
+        return VolumeInfo(
+            name=volume.name,
+            mountpoint=_mountpoint_reply(volume) if mounted else "",
+            created_at=created_at,
+            status={},
+        )
+
+    def _described(self, volume: Volume) -> tuple[str, dict[str, object]]:
+        """When the volume was made, and the status fields its metadata gives."""
+        try:
+            metadata, created_at = self._metadata_cache.read(volume)
+        except (OSError, ValueError) as error:
+            log.warning("volume %s: cannot read its metadata: %s", volume.name, error)
+            return "", {}
+        return created_at, {"Base": metadata.base_dir, "Volatile": metadata.volatile}
 
     def _total_uses(self, volume: Volume) -> int:
         return sum(self._usage_count(volume, mount_id) or 0 for mount_id in volume.records.ids())
 
     def _metadata(self, volume: Volume) -> Metadata:
+        return self._metadata_and_creation(volume)[0]
+
+    def _metadata_and_creation(self, volume: Volume) -> tuple[Metadata, str]:
         try:
-            return volume.read_metadata()
+            return self._metadata_cache.read(volume)
         except FileNotFoundError:
             raise UserError(NO_SUCH_VOLUME) from None
         except (OSError, ValueError) as error:
@@ -649,17 +682,20 @@ class Driver:
 
     @contextmanager
     def _locked(self, volume: Volume) -> Iterator[None]:
-        lock = volume.records.lock()
-        try:
-            lock.__enter__()
-        except FileNotFoundError:
-            raise UserError(NO_SUCH_VOLUME) from None
-        except OSError as error:
-            raise InternalError("failed to lock the volume's activemounts/", error) from error
-        try:
-            yield
-        finally:
-            lock.__exit__()
+        # Threads of this process queue on a thread lock first: it hands over to one
+        # waiter at a time, where many threads blocked in flock all wake at each unlock.
+        with self._thread_locks[hash(volume.name) % len(self._thread_locks)]:
+            lock = volume.records.lock()
+            try:
+                lock.__enter__()
+            except FileNotFoundError:
+                raise UserError(NO_SUCH_VOLUME) from None
+            except OSError as error:
+                raise InternalError("failed to lock the volume's activemounts/", error) from error
+            try:
+                yield
+            finally:
+                lock.__exit__()
 
     @staticmethod
     def _usage_count(volume: Volume, mount_id: str) -> int | None:
@@ -746,12 +782,14 @@ class Driver:
             raise InternalError("failed to mount overlay", error) from error
 
     def _unmount_overlay(self, volume: Volume) -> None:
-        if kernel.is_mount_point(volume.mountpoint):
-            try:
-                kernel.unmount(volume.mountpoint)
-            except OSError as error:
-                if error.errno != errno.EBUSY:
-                    raise InternalError("failed to unmount the overlay", error) from error
+        try:
+            kernel.unmount(volume.mountpoint)
+        except OSError as error:
+            if error.errno in (errno.EINVAL, errno.ENOENT):
+                log.warning("volume %s: its overlay was not mounted at unmount", volume.name)
+            elif error.errno != errno.EBUSY:
+                raise InternalError("failed to unmount the overlay", error) from error
+            else:
                 # Something outside the containers holds a file open on it. No user is
                 # left, so detach it: the next mount must not find it in the way.
                 log.warning(
@@ -762,8 +800,6 @@ class Driver:
                     kernel.unmount(volume.mountpoint, flags=kernel.MNT_DETACH)
                 except OSError as detach_error:
                     raise InternalError("failed to unmount the overlay", detach_error) from error
-        else:
-            log.warning("volume %s: its overlay was not mounted at unmount", volume.name)
         try:
             volume.remove_mount_folders()
         except OSError as error:
@@ -777,13 +813,6 @@ class Driver:
             log.warning("volume %s: its mountpoint is still mounted; detaching it", volume.name)
             kernel.unmount(volume.mountpoint, flags=kernel.MNT_FORCE | kernel.MNT_DETACH)
         raise OSError(errno.EBUSY, "mountpoint stays mounted", str(volume.mountpoint))
-
-
-@functools.lru_cache(maxsize=4096)
-def _volume_at(root: Path, name: str) -> Volume:
-    # A Volume holds only paths derived from its name; building them is a good part of
-    # a request's own cost, so the objects of busy volumes are kept.
-    return Volume(root, name)
 
 
 def _remove_quietly(volume: Volume, folders: list[Path]) -> None:

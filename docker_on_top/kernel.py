@@ -10,6 +10,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -149,6 +150,19 @@ def resolve_in_root(root: Path, path: str) -> Path:
     return root.joinpath(*resolved)
 
 
+def mount_points() -> set[str]:
+    """Every path something is mounted on, in this process's mount namespace."""
+    with open("/proc/self/mountinfo", "rb") as table:
+        return {_unescaped(line.split(b" ", 5)[4]) for line in table}
+
+
+def _unescaped(field: bytes) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as \ooo octal.
+    if b"\\" in field:
+        field = re.sub(rb"\\([0-7]{3})", lambda octal: bytes([int(octal[1], 8)]), field)
+    return os.fsdecode(field)
+
+
 def is_mount_point(path: Path) -> bool:
     """Whether something is mounted on `path` (its device differs from its parent's).
 
@@ -169,7 +183,7 @@ class DirectoryLock:
     Entering raises OSError when the directory cannot be opened.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: str | Path) -> None:
         self.directory = directory
         self._fd = -1
 

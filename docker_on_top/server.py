@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import selectors
 import socket
 import stat
@@ -38,6 +39,10 @@ REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 3600.0
 # How often requests that arrive too slowly are looked for.
 _SWEEP_INTERVAL_S = 5.0
+# A thread whose connection closed waits this long to serve the next one, as up to
+# SPARE_WORKERS threads do: handing a connection over costs a fraction of a new thread.
+SPARE_WORKERS = 8
+SPARE_WORKER_WAIT_S = 10.0
 
 
 class Mountable(Protocol):
@@ -246,7 +251,11 @@ class _Connections:
     lock: threading.Lock = field(default_factory=threading.Lock)
     idle: dict[socket.socket, float] = field(default_factory=dict)
     receiving: dict[socket.socket, float] = field(default_factory=dict)
+    open: int = 0
+    # Every thread that serves connections, and how many of them wait for one.
     threads: set[threading.Thread] = field(default_factory=set)
+    spare: int = 0
+    handover: queue.SimpleQueue[socket.socket | None] = field(default_factory=queue.SimpleQueue)
     stopping: bool = False
 
     def make_room(self) -> bool:
@@ -395,16 +404,47 @@ class PluginServer:
             return
         connections = self._connections
         with connections.lock:
-            if len(connections.threads) >= MAX_CONNECTIONS and not connections.make_room():
+            if connections.open >= MAX_CONNECTIONS and not connections.make_room():
                 log.warning("too many requests in flight (%d); refusing one", MAX_CONNECTIONS)
                 connection.close()
                 return
-            thread = threading.Thread(
-                target=self._serve_connection, args=(connection,), name="connection"
-            )
-            connections.threads.add(thread)
+            connections.open += 1
             connections.idle[connection] = time.monotonic()
+            if connections.spare:
+                connections.spare -= 1
+                connections.handover.put(connection)
+                return
+            thread = threading.Thread(target=self._work, args=(connection,), name="connection")
+            connections.threads.add(thread)
         thread.start()
+
+    def _work(self, first: socket.socket) -> None:
+        connection: socket.socket | None = first
+        try:
+            while connection is not None:
+                self._serve_connection(connection)
+                connection = self._next_connection()
+        finally:
+            with self._connections.lock:
+                self._connections.threads.discard(threading.current_thread())
+
+    def _next_connection(self) -> socket.socket | None:
+        """Wait as a spare thread for a connection; None to end the thread."""
+        connections = self._connections
+        with connections.lock:
+            if connections.stopping or connections.spare >= SPARE_WORKERS:
+                return None
+            connections.spare += 1
+        try:
+            return connections.handover.get(timeout=SPARE_WORKER_WAIT_S)
+        except queue.Empty:
+            with connections.lock:
+                # `_accept` may have counted on this thread just as the wait ended.
+                try:
+                    return connections.handover.get_nowait()
+                except queue.Empty:
+                    connections.spare -= 1
+                    return None
 
     def _serve_connection(self, connection: socket.socket) -> None:
         connections = self._connections
@@ -446,7 +486,7 @@ class PluginServer:
             with connections.lock:
                 connections.idle.pop(connection, None)
                 connections.receiving.pop(connection, None)
-                connections.threads.discard(threading.current_thread())
+                connections.open -= 1
             stream.close()
             connection.close()
 
@@ -463,6 +503,9 @@ class PluginServer:
             connections.stopping = True
             for connection in connections.idle:
                 _cut(connection)
+            for _ in range(connections.spare):
+                connections.handover.put(None)
+            connections.spare = 0
             busy = list(connections.threads)
         if busy:
             log.info("finishing %d connection(s) in flight", len(busy))

@@ -25,6 +25,7 @@ import shutil
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
 from . import changes, kernel
@@ -37,7 +38,7 @@ NAME_MAX_BYTES = 255  # NAME_MAX: a volume name and a mount ID each become one f
 REMOVED_PREFIX = ".removed."
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Metadata:
     base_dir: str
     volatile: bool
@@ -68,7 +69,7 @@ class Metadata:
         return cls(base_dir=base_dir, volatile=volatile, created_at=created_at)
 
 
-def write_atomically(path: Path, data: bytes, staging: Path, *, durable: bool) -> None:
+def write_atomically(path: str | Path, data: bytes, staging: str | Path, *, durable: bool) -> None:
     """Replace `path` with `data` so a crash leaves the old or the new content, never a mix.
 
     `staging` must be on the same filesystem and have a single writer at a time.
@@ -84,10 +85,11 @@ def write_atomically(path: Path, data: bytes, staging: Path, *, durable: bool) -
     try:
         os.rename(staging, path)
     except OSError:
-        staging.unlink(missing_ok=True)
+        with suppress(FileNotFoundError):
+            os.unlink(staging)
         raise
     if durable:
-        fsync_directory(path.parent)
+        fsync_directory(os.path.dirname(path))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -102,7 +104,19 @@ def _write_all(fd: int, data: bytes) -> None:
         raise OSError(errno.EIO, "the file does not hold what was written")
 
 
-def fsync_directory(directory: Path) -> None:
+def read_file(path: str) -> bytes:
+    """The whole content of a small file, in as few syscalls as Python allows."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while part := os.read(fd, 65536):
+            parts.append(part)
+    finally:
+        os.close(fd)
+    return b"".join(parts)
+
+
+def fsync_directory(directory: str | Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -119,22 +133,29 @@ def rfc3339(timestamp: float) -> str:
 class UsageRecords:
     """The `activemounts/` folder: which mount IDs use the volume, and how often.
 
-    Every method but `lock` must be called while holding `lock()`.
+    Every method but `lock` must be called while holding `lock()`. Paths are strings:
+    these run on every Mount and Unmount, where pathlib would cost more than the syscalls.
     """
 
-    def __init__(self, folder: Path, staging: Path) -> None:
+    def __init__(self, folder: str, staging: str) -> None:
         self.folder = folder
         self._staging = staging
 
     def lock(self) -> kernel.DirectoryLock:
         return kernel.DirectoryLock(self.folder)
 
+    def exists(self) -> bool:
+        return os.path.isdir(self.folder)
+
+    def make(self) -> None:
+        os.mkdir(self.folder)
+
     def in_use(self) -> bool:
         with os.scandir(self.folder) as entries:
             return next(entries, None) is not None
 
     def ids(self) -> list[str]:
-        return sorted(entry.name for entry in os.scandir(self.folder))
+        return sorted(os.listdir(self.folder))
 
     def count(self, mount_id: str) -> int | None:
         """The usage count of `mount_id`; None when it has no record.
@@ -142,7 +163,7 @@ class UsageRecords:
         Raises ValueError for a record whose content is not `{"UsageCount": N}`, N >= 1.
         """
         try:
-            raw = (self.folder / mount_id).read_bytes()
+            raw = read_file(f"{self.folder}/{mount_id}")
         except FileNotFoundError:
             return None
         document = json.loads(raw)
@@ -155,14 +176,15 @@ class UsageRecords:
         # No fsync: after a crash or reboot, start-up recovery throws the records away
         # unless the overlay is still mounted, so only the atomic rename matters.
         write_atomically(
-            self.folder / mount_id,
-            json.dumps({"UsageCount": count}, separators=(",", ":")).encode(),
+            f"{self.folder}/{mount_id}",
+            b'{"UsageCount":%d}' % count,
             self._staging,
             durable=False,
         )
 
     def remove(self, mount_id: str) -> None:
-        (self.folder / mount_id).unlink(missing_ok=True)
+        with suppress(FileNotFoundError):
+            os.unlink(f"{self.folder}/{mount_id}")
 
     def clear(self) -> None:
         for entry in os.scandir(self.folder):
@@ -170,29 +192,51 @@ class UsageRecords:
 
 
 class Volume:
+    """One volume's folder. The paths are made when first used: a request needs only a
+    few of them, and List makes a Volume for every volume."""
+
     def __init__(self, root: Path, name: str) -> None:
         if not NAME_PATTERN.fullmatch(name) or len(os.fsencode(name)) > NAME_MAX_BYTES:
             raise ValueError(f"invalid volume name {name!r}")
         self.name = name
-        self.folder = root / name
-        self.metadata_path = self.folder / "metadata.json"
-        self.upper = self.folder / "upper"
-        self.workdir = self.folder / "workdir"
-        self.mountpoint = self.folder / "mountpoint"
-        self.records = UsageRecords(self.folder / "activemounts", self.folder / ".activemount.tmp")
-        self.unreleased_path = self.folder / "unreleased.json"
+        self._root = root
+        # The folder as a string, for the paths of the requests' hot path.
+        self.location = f"{root}/{name}"
+        self.metadata_file = f"{self.location}/metadata.json"
+
+    @cached_property
+    def folder(self) -> Path:
+        return self._root / self.name
+
+    @cached_property
+    def metadata_path(self) -> Path:
+        return Path(self.metadata_file)
+
+    @cached_property
+    def upper(self) -> Path:
+        return Path(f"{self.location}/upper")
+
+    @cached_property
+    def workdir(self) -> Path:
+        return Path(f"{self.location}/workdir")
+
+    @cached_property
+    def mountpoint(self) -> Path:
+        return Path(f"{self.location}/mountpoint")
+
+    @cached_property
+    def records(self) -> UsageRecords:
+        return UsageRecords(f"{self.location}/activemounts", f"{self.location}/.activemount.tmp")
+
+    @cached_property
+    def unreleased_path(self) -> Path:
+        return Path(f"{self.location}/unreleased.json")
 
     def exists(self) -> bool:
-        return self.folder.is_dir()
+        return os.path.isdir(self.location)
 
     def read_metadata(self) -> Metadata:
-        return Metadata.from_json(self.metadata_path.read_bytes())
-
-    def created_at(self, metadata: Metadata) -> str:
-        """When the volume was made; for Go-made volumes, when metadata.json was written."""
-        if metadata.created_at is not None:
-            return metadata.created_at
-        return rfc3339(self.metadata_path.stat().st_mtime)
+        return Metadata.from_json(read_file(self.metadata_file))
 
     def create(self, metadata: Metadata) -> None:
         """Make the folder tree, then metadata.json; on failure remove what was made.
@@ -202,7 +246,7 @@ class Volume:
         self.folder.mkdir()
         try:
             self.upper.mkdir()
-            self.records.folder.mkdir()
+            self.records.make()
             write_atomically(
                 self.metadata_path,
                 metadata.to_json(),
@@ -291,3 +335,39 @@ class Volume:
 
     def discard_changes(self) -> None:
         changes.reset(self.upper)
+
+
+class MetadataCache:
+    """Each volume's parsed metadata.json, read again only when a stat of the file says
+    it changed (another inode, size, or time).
+
+    Get comes before every Mount and Unmount and List reads every volume: one stat costs
+    a fraction of opening, reading and parsing the file. The stat also catches a volume
+    removed and made again by another process (the Go plugin on the same root).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple[int, ...], Metadata, str]] = {}
+
+    def read(self, volume: Volume) -> tuple[Metadata, str]:
+        """The volume's metadata and when it was made (RFC 3339); raises OSError (as
+        FileNotFoundError when the volume has no metadata.json) or ValueError."""
+        status = os.stat(volume.metadata_file)
+        stamp = (
+            status.st_ino,
+            status.st_dev,
+            status.st_size,
+            status.st_mtime_ns,
+            status.st_ctime_ns,
+        )
+        entry = self._entries.get(volume.name)
+        if entry is None or entry[0] != stamp:
+            metadata = volume.read_metadata()
+            # For Go-made volumes: when metadata.json was written.
+            created_at = metadata.created_at or rfc3339(status.st_mtime)
+            entry = (stamp, metadata, created_at)
+            self._entries[volume.name] = entry
+        return entry[1], entry[2]
+
+    def forget(self, name: str) -> None:
+        self._entries.pop(name, None)

@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from docker_on_top.server import SPARE_WORKERS
+
 from ..protocol.conftest import (
     Daemon,
     PluginClient,
@@ -403,13 +405,15 @@ def test_memory_stays_flat_over_ten_thousand_requests(
     idle_threads = settled_status(daemon.pid, 1)["Threads"]
     idle_fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
     requests_for_memory(ws, WARM_UP_REQUESTS, rng)
-    warm = settled_status(daemon.pid, idle_threads)
+    # Up to SPARE_WORKERS threads stay after their connection closed, to serve the next.
+    settled_threads = idle_threads + SPARE_WORKERS
+    warm = settled_status(daemon.pid, settled_threads)
     started = time.monotonic()
     made = 0
     figures = []
     for _ in range(2):  # two halves, to see a trend
         made += requests_for_memory(ws, MEMORY_REQUESTS // 2, rng)
-        figures.append(settled_status(daemon.pid, idle_threads))
+        figures.append(settled_status(daemon.pid, settled_threads))
     elapsed = time.monotonic() - started
     end = figures[-1]
     growth = end["VmRSS"] - warm["VmRSS"]
@@ -421,7 +425,7 @@ def test_memory_stays_flat_over_ten_thousand_requests(
     )
     assert made >= MEMORY_REQUESTS
     assert daemon.process.poll() is None, daemon.log()[-3000:]
-    assert end["Threads"] == idle_threads, f"connection threads left behind: {end['Threads']}"
+    assert end["Threads"] <= settled_threads, f"connection threads left behind: {end['Threads']}"
     fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
     assert fds == idle_fds, f"file descriptors left open: {idle_fds} before, {fds} after"
     assert growth < RSS_TOLERANCE_KIB, (

@@ -159,6 +159,23 @@ def test_list_shows_only_volume_folders(driver: Driver, base: Path) -> None:
     assert [info.name for info in driver.list_volumes()] == ["one", "two"]
 
 
+def test_list_reports_the_mountpoint_of_a_root_reached_through_a_symlink(
+    workspace: Path, base: Path
+) -> None:
+    # List looks the mountpoint up in the mount table, which holds resolved paths.
+    (workspace / "real root").mkdir()
+    (workspace / "link").symlink_to(workspace / "real root")
+    driver = Driver(workspace / "link")
+    driver.recover()
+    make_volume(driver, base)
+    driver.mount("v", ID_A)
+    try:
+        assert driver.list_volumes()[0].mountpoint == f"{workspace}/link/v/mountpoint/"
+    finally:
+        driver.unmount("v", ID_A)
+    assert driver.list_volumes()[0].mountpoint == ""
+
+
 def test_mountpoint_is_reported_only_while_in_use(driver: Driver, base: Path) -> None:
     folder = make_volume(driver, base)
     assert driver.get("v").mountpoint == ""

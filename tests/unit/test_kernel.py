@@ -98,6 +98,22 @@ def test_unmount_of_something_not_mounted_fails(workspace: Path) -> None:
     assert raised.value.errno == errno.EINVAL
 
 
+@pytest.mark.parametrize("name", ["plain", "with space", "tab\there", "back\\slash"])
+def test_mount_points_lists_mounted_paths_with_odd_characters(workspace: Path, name: str) -> None:
+    lower, upper, work, _ = make_layers(workspace)
+    target = workspace / name
+    target.mkdir()
+    assert str(target) not in kernel.mount_points()
+    kernel.mount_overlay(
+        source="test", lower=lower, upper=upper, work=work, target=target, volatile=False
+    )
+    try:
+        assert str(target) in kernel.mount_points()
+    finally:
+        kernel.unmount(target)
+    assert str(target) not in kernel.mount_points()
+
+
 def test_is_mount_point_of_a_missing_path_is_false(workspace: Path) -> None:
     assert not kernel.is_mount_point(workspace / "missing")
 

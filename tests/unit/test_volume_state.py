@@ -117,7 +117,7 @@ def test_usage_records_count_in_the_go_format(root: Path) -> None:
         assert not records.in_use()
         assert records.count("abc") is None
         records.set("abc", 2)
-        assert (records.folder / "abc").read_text() == '{"UsageCount":2}'
+        assert (Path(records.folder) / "abc").read_text() == '{"UsageCount":2}'
         assert records.count("abc") == 2
         assert records.in_use()
         assert records.ids() == ["abc"]
@@ -130,7 +130,7 @@ def test_a_corrupt_usage_record_is_reported(root: Path, content: bytes) -> None:
     root.mkdir()
     volume = Volume(root, "v")
     volume.create(Metadata("/data", False))
-    (volume.records.folder / "abc").write_bytes(content)
+    (Path(volume.records.folder) / "abc").write_bytes(content)
     with pytest.raises(ValueError):
         volume.records.count("abc")
 
