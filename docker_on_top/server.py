@@ -2,47 +2,67 @@
 
 It decodes each request, calls the driver, and encodes the reply; it knows nothing
 about storage. Every failure is HTTP 500 with `{"Err": ...}` (Podman looks only at
-the status code). A small HTTP reader of our own keeps the per-request cost low and
-caps what a client can make us buffer.
+the status code).
+
+One thread runs an event loop over every connection: it accepts, reads, parses
+(`wire`), answers the quick requests itself and hands the ones that may take a while
+(Create, Remove, Mount, Unmount, List) to a few worker threads. A connection thus
+costs no thread, a burst of connections no thread start-ups, and a client that stalls
+holds nothing but its buffer.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
-import queue
 import selectors
 import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from .errors import InternalError, PluginError, UserError
+from .wire import BadRequest, Request, encode_response, parse_request
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = b"application/vnd.docker.plugins.v1.1+json"
-MAX_BODY_BYTES = 1 << 20
-MAX_LINE_BYTES = 8192
-MAX_HEADERS = 100
 MAX_CONNECTIONS = 512
-# A client that stops sending in the middle of a request is dropped after this long.
+# A client that stops sending in the middle of a request, or stops reading its reply,
+# is dropped after this long.
 REQUEST_TIMEOUT_S = 30.0
 # dockerd keeps idle keep-alive connections without limit and a POST is not retried on
 # a connection we close under it, so idle connections are kept long.
 IDLE_TIMEOUT_S = 3600.0
-# How often requests that arrive too slowly are looked for.
+# How often connections that wait too long on their client are looked for.
 _SWEEP_INTERVAL_S = 5.0
-# A thread whose connection closed waits this long to serve the next one, as up to
-# SPARE_WORKERS threads do: handing a connection over costs a fraction of a new thread.
-SPARE_WORKERS = 8
-SPARE_WORKER_WAIT_S = 10.0
+# After an error reply, what the client still sends is read and dropped, briefly, so
+# that closing does not reset the connection before it has read the reply.
+_DRAIN_S = 1.0
+_DRAIN_READS = 64
+# Requests that may take a while. The loop thread answers them itself (handing them to
+# another thread costs a wake-up on the way); if one takes longer than _TAKEOVER_S, a
+# standby thread takes the loop over, so that a slow mount never holds up the other
+# clients. At most MAX_THREADS threads answer requests at once.
+_SLOW_ENDPOINTS = frozenset(
+    {
+        "/VolumeDriver.Create",
+        "/VolumeDriver.Remove",
+        "/VolumeDriver.Mount",
+        "/VolumeDriver.Unmount",
+        "/VolumeDriver.List",
+    }
+)
+_TAKEOVER_S = 0.05
+MAX_THREADS = 64
+# A second standby (left by a take-over) ends after this long without one.
+_SPARE_STANDBY_S = 2.0
 
 
 class Mountable(Protocol):
@@ -71,20 +91,8 @@ class VolumeDriver(Protocol):
     def list_volumes(self) -> Sequence[Mountable]: ...
 
 
-class BadRequest(Exception):
-    """The bytes on the connection are not an HTTP request we can answer on it."""
-
-
 class StartupError(Exception):
     """The server cannot start; the message says why and what to do."""
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    body: bytes
-    keep_alive: bool
 
 
 def _volume_json(volume: Mountable) -> dict[str, object]:
@@ -153,141 +161,76 @@ def build_routes(driver: VolumeDriver) -> dict[str, Handler]:
 _EMPTY_BODY_OK = frozenset({"/Plugin.Activate", "/VolumeDriver.Capabilities", "/VolumeDriver.List"})
 
 
-def read_request(stream: BinaryIO) -> Request | None:
-    """Read one request; None at a clean end of stream before any byte of it."""
-    line = stream.readline(MAX_LINE_BYTES + 1)
-    if not line:
-        return None
-    if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
-        raise BadRequest("request line too long or cut short")
-    parts = line.decode("latin-1").split()
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise BadRequest("malformed request line")
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS + 1):
-        line = stream.readline(MAX_LINE_BYTES + 1)
-        if len(line) > MAX_LINE_BYTES or not line.endswith(b"\n"):
-            raise BadRequest("header line too long or cut short")
-        if line in (b"\r\n", b"\n"):
-            break
-        name, colon, value = line.decode("latin-1").partition(":")
-        if not colon:
-            raise BadRequest("malformed header line")
-        headers[name.strip().lower()] = value.strip()
-    else:
-        raise BadRequest("too many header lines")
-    connection = headers.get("connection", "").lower()
-    keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = _read_chunked(stream)
-    else:
-        body = _read_sized(stream, headers.get("content-length", "0"))
-    return Request(method=method, path=target.split("?", 1)[0], body=body, keep_alive=keep_alive)
+class _State(enum.Enum):
+    IDLE = "idle"  # between requests
+    RECEIVING = "receiving"  # part of a request has arrived
+    ANSWERING = "answering"  # the request is being answered; never cut
+    SENDING = "sending"  # the reply waits for the client to read it
+    DRAINING = "draining"  # an error reply was sent; what follows is dropped
 
 
-def _read_sized(stream: BinaryIO, length_text: str) -> bytes:
-    try:
-        length = int(length_text)
-    except ValueError:
-        raise BadRequest(f"invalid Content-Length {length_text!r}") from None
-    if length < 0:
-        raise BadRequest("negative Content-Length")
-    if length > MAX_BODY_BYTES:
-        raise BadRequest(f"request body of {length} bytes is over the {MAX_BODY_BYTES} limit")
-    body = stream.read(length)
-    if len(body) != length:
-        raise BadRequest("request body cut short")
-    return body
+class _Client:
+    """One connection and where it stands."""
 
-
-def _read_chunked(stream: BinaryIO) -> bytes:
-    body = bytearray()
-    while True:
-        size_line = stream.readline(MAX_LINE_BYTES + 1)
-        if not size_line.endswith(b"\n"):
-            raise BadRequest("chunk size line too long or cut short")
-        try:
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise BadRequest("invalid chunk size") from None
-        if size < 0 or len(body) + size > MAX_BODY_BYTES:
-            raise BadRequest(f"request body is over the {MAX_BODY_BYTES} limit")
-        if size == 0:
-            break
-        chunk = stream.read(size)
-        if len(chunk) != size or stream.readline(3) not in (b"\r\n", b"\n"):
-            raise BadRequest("chunk cut short")
-        body += chunk
-    while stream.readline(MAX_LINE_BYTES + 1) not in (b"\r\n", b"\n", b""):
-        pass  # trailers are not used by the protocol
-    return bytes(body)
-
-
-def encode_response(status: int, document: Mapping[str, object], *, keep_alive: bool) -> bytes:
-    body = json.dumps(document).encode()
-    reason = b"OK" if status == 200 else b"Internal Server Error"
-    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
-        status,
-        reason,
-        CONTENT_TYPE,
-        len(body),
+    __slots__ = (
+        "closing",
+        "ended",
+        "events",
+        "reads",
+        "received",
+        "refused",
+        "since",
+        "sock",
+        "state",
+        "unsent",
     )
-    if not keep_alive:
-        head += b"Connection: close\r\n"
-    return head + b"\r\n" + body
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.events = selectors.EVENT_READ  # what the selector waits for; 0 when unregistered
+        self.received = bytearray()
+        self.unsent = memoryview(b"")
+        self.state = _State.IDLE
+        # When it began to wait on its client (the basis of every timeout).
+        self.since = now
+        self.reads = 0  # while draining
+        self.ended = False  # the client sends nothing more
+        self.closing = False  # close once the reply is sent
+        self.refused = False  # the reply is an error about the request itself
+
+    def waits_on_client(self) -> bool:
+        return self.state is not _State.ANSWERING
 
 
-@dataclass
-class _Connections:
-    """Open client connections, and which of them wait on their client.
-
-    A connection is idle (between requests), receiving (a request has begun to
-    arrive), or busy (its request is being answered). Idle and receiving ones wait on
-    the client and may be cut: to make room for a new client at the cap, or because a
-    request takes too long to arrive. Busy ones are never cut. All under `lock`.
-    """
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    idle: dict[socket.socket, float] = field(default_factory=dict)
-    receiving: dict[socket.socket, float] = field(default_factory=dict)
-    open: int = 0
-    # Every thread that serves connections, and how many of them wait for one.
-    threads: set[threading.Thread] = field(default_factory=set)
-    spare: int = 0
-    handover: queue.SimpleQueue[socket.socket | None] = field(default_factory=queue.SimpleQueue)
-    stopping: bool = False
-
-    def make_room(self) -> bool:
-        """Cut the connection that has waited longest on its client, idle ones first."""
-        for waiting in (self.idle, self.receiving):
-            if waiting:
-                _cut(min(waiting, key=waiting.__getitem__))
-                return True
-        return False
-
-    def cut_overdue(self, now: float) -> None:
-        """Cut requests that take too long to arrive, however slowly they trickle in."""
-        for connection, since in list(self.receiving.items()):
-            if now - since > REQUEST_TIMEOUT_S:
-                log.info("dropping a client whose request took over %.0f s", REQUEST_TIMEOUT_S)
-                _cut(connection)
-
-
-def _cut(connection: socket.socket) -> None:
-    # Wakes the connection's thread, which then closes it and forgets it.
-    with suppress(OSError):
-        connection.shutdown(socket.SHUT_RDWR)
+class _LoopTakenOver(Exception):
+    """In a thread that took so long to answer a request that another took the loop over."""
 
 
 class PluginServer:
     def __init__(self, driver: VolumeDriver, socket_path: Path) -> None:
         self.socket_path = socket_path
         self._routes = build_routes(driver)
-        self._connections = _Connections()
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._listener: socket.socket | None = None
         self._socket_inode = 0
+        self._stop_requested = False
+        # Only the loop thread touches these.
+        self._selector = selectors.DefaultSelector()
+        self._clients: set[_Client] = set()
+        self._pending: deque[_Client] = deque()
+        self._listening = False
+        self._next_sweep = 0.0
+        # Replies of requests whose thread lost the loop meanwhile, for the loop to finish.
+        self._answers_lock = threading.Lock()
+        self._answers: list[tuple[_Client, memoryview]] = []
+        # Who holds the loop, under `_role`: the generation counts take-overs.
+        self._role = threading.Condition(threading.Lock())
+        self._generation = 0
+        self._slow_since: float | None = None  # when the loop thread began a slow request
+        self._standbys = 0
+        self._threads: set[threading.Thread] = set()  # besides the one that called serve
+        self._done = False
+        self._failure: BaseException | None = None
 
     # --- handling one request (no I/O of its own: usable without a socket) ---------
 
@@ -373,149 +316,345 @@ class PluginServer:
 
     def request_stop(self) -> None:
         """Ask `serve` to stop; safe from a signal handler and from any thread."""
+        self._stop_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
         with suppress(BlockingIOError):  # a wake-up is already pending
             os.write(self._wake_write, b"x")
 
     def serve(self) -> None:
-        """Serve until `request_stop`; then finish the requests in flight and return."""
+        """Serve until `request_stop`; then finish the requests begun and return."""
         assert self._listener is not None, "bind() first"
-        listener = self._listener
-        selector = selectors.DefaultSelector()
-        selector.register(listener, selectors.EVENT_READ)
-        selector.register(self._wake_read, selectors.EVENT_READ)
-        try:
-            while True:
-                events = selector.select(timeout=_SWEEP_INTERVAL_S)
-                if any(key.fileobj == self._wake_read for key, _ in events):
-                    break
-                if events:
-                    self._accept(listener)
-                with self._connections.lock:
-                    self._connections.cut_overdue(time.monotonic())
-        finally:
-            selector.close()
-            self._shut_down(listener)
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
+        self._listening = True
+        self._next_sweep = time.monotonic() + _SWEEP_INTERVAL_S
+        with self._role:
+            self._start_standby()
+        self._take_turns(holding=True)
+        with self._role:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
+        self._selector.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        if self._failure is not None:
+            raise self._failure
 
-    def _accept(self, listener: socket.socket) -> None:
-        try:
-            connection, _ = listener.accept()
-        except OSError as error:
-            log.warning("accept failed: %s", error)
-            return
-        connections = self._connections
-        with connections.lock:
-            if connections.open >= MAX_CONNECTIONS and not connections.make_room():
-                log.warning("too many requests in flight (%d); refusing one", MAX_CONNECTIONS)
-                connection.close()
-                return
-            connections.open += 1
-            connections.idle[connection] = time.monotonic()
-            if connections.spare:
-                connections.spare -= 1
-                connections.handover.put(connection)
-                return
-            thread = threading.Thread(target=self._work, args=(connection,), name="connection")
-            connections.threads.add(thread)
-        thread.start()
+    def _take_turns(self, *, holding: bool) -> None:
+        """Run the loop while holding it; after a take-over, stand by to take it back.
+        The thread that called serve stays until serving is over; another ends when it
+        is not needed as a standby."""
+        main = holding
+        while holding or self._standby(main=main):
+            holding = False
+            try:
+                self._run_loop()
+            except _LoopTakenOver:
+                continue
+            except BaseException as error:
+                with self._role:
+                    self._failure = self._failure or error
+            with self._role:
+                self._done = True
+                self._role.notify_all()
+            break
+        if not main:
+            with self._role:
+                self._threads.discard(threading.current_thread())
 
-    def _work(self, first: socket.socket) -> None:
-        connection: socket.socket | None = first
-        try:
-            while connection is not None:
-                self._serve_connection(connection)
-                connection = self._next_connection()
-        finally:
-            with self._connections.lock:
-                self._connections.threads.discard(threading.current_thread())
+    def _standby(self, *, main: bool) -> bool:
+        """Wait until the loop thread has spent too long on one request: True, the loop
+        is this thread's now. False: serving is over, or one standby too many waits."""
+        with self._role:
+            self._standbys += 1
+            try:
+                while not self._done:
+                    if self._slow_since is None:
+                        spare = self._standbys > 1 and not main
+                        if not self._role.wait(_SPARE_STANDBY_S if spare else None) and spare:
+                            return False
+                        continue
+                    left = self._slow_since + _TAKEOVER_S - time.monotonic()
+                    if left > 0:
+                        self._role.wait(left)
+                        continue
+                    self._slow_since = None
+                    self._generation += 1
+                    return True
+                return False
+            finally:
+                self._standbys -= 1
 
-    def _next_connection(self) -> socket.socket | None:
-        """Wait as a spare thread for a connection; None to end the thread."""
-        connections = self._connections
-        with connections.lock:
-            if connections.stopping or connections.spare >= SPARE_WORKERS:
-                return None
-            connections.spare += 1
-        try:
-            return connections.handover.get(timeout=SPARE_WORKER_WAIT_S)
-        except queue.Empty:
-            with connections.lock:
-                # `_accept` may have counted on this thread just as the wait ended.
-                try:
-                    return connections.handover.get_nowait()
-                except queue.Empty:
-                    connections.spare -= 1
-                    return None
+    def _start_standby(self) -> None:
+        """Under `_role`: make sure a thread stands by to take the loop over."""
+        if self._standbys:
+            self._role.notify()
+        elif len(self._threads) < MAX_THREADS:
+            thread = threading.Thread(
+                target=self._take_turns, kwargs={"holding": False}, name="loop", daemon=True
+            )
+            self._threads.add(thread)
+            thread.start()
 
-    def _serve_connection(self, connection: socket.socket) -> None:
-        connections = self._connections
-        stream = connection.makefile("rb")
+    def _run_loop(self) -> None:
+        """Serve until serving is over, or until another thread takes the loop over."""
         try:
-            while True:
-                connection.settimeout(IDLE_TIMEOUT_S)
-                if not stream.peek(1):
-                    return
-                # From its first byte on, a request is in flight: a stop lets it finish.
-                with connections.lock:
-                    if connections.stopping or connections.idle.pop(connection, None) is None:
-                        return  # cut meanwhile
-                    connections.receiving[connection] = time.monotonic()
-                connection.settimeout(REQUEST_TIMEOUT_S)
-                try:
-                    request = read_request(stream)
-                except BadRequest as error:
-                    log.info("bad request on the socket: %s", error)
-                    connection.sendall(
-                        encode_response(500, {"Err": f"bad request: {error}"}, keep_alive=False)
-                    )
-                    _discard_unread(connection)
-                    return
-                with connections.lock:
-                    if connections.receiving.pop(connection, None) is None:
-                        return  # cut meanwhile
-                if request is None:
-                    return
-                status, document = self.handle(request.method, request.path, request.body)
-                connection.sendall(encode_response(status, document, keep_alive=request.keep_alive))
-                with connections.lock:
-                    if connections.stopping or not request.keep_alive:
-                        return
-                    connections.idle[connection] = time.monotonic()
-        except (OSError, ValueError) as error:
-            log.debug("connection closed: %s", error)
-        finally:
-            with connections.lock:
-                connections.idle.pop(connection, None)
-                connections.receiving.pop(connection, None)
-                connections.open -= 1
-            stream.close()
-            connection.close()
+            while self._listening or self._clients:
+                timeout = max(0.0, self._next_sweep - time.monotonic())
+                for key, events in self._selector.select(timeout):
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.data is None:  # the wake-up pipe
+                        with suppress(BlockingIOError):
+                            os.read(self._wake_read, 4096)
+                    else:
+                        self._on_ready(key.data, events)
+                self._send_answers()
+                self._take_pending_requests()
+                if self._stop_requested and self._listening:
+                    self._stop_listening()
+                now = time.monotonic()
+                if now >= self._next_sweep:
+                    self._cut_overdue(now)
+                    self._next_sweep = now + _SWEEP_INTERVAL_S
+        except _LoopTakenOver:
+            raise
+        except BaseException:
+            for client in list(self._clients):
+                self._close(client)
+            if self._listening:
+                self._stop_listening()
+            raise
 
     def close(self) -> None:
         """Give up the socket without serving (a start that failed after `bind`)."""
         if self._listener is not None:
-            self._shut_down(self._listener)
-
-    def _shut_down(self, listener: socket.socket) -> None:
-        listener.close()
-        self._remove_own_socket()
-        connections = self._connections
-        with connections.lock:
-            connections.stopping = True
-            for connection in connections.idle:
-                _cut(connection)
-            for _ in range(connections.spare):
-                connections.handover.put(None)
-            connections.spare = 0
-            busy = list(connections.threads)
-        if busy:
-            log.info("finishing %d connection(s) in flight", len(busy))
-        for thread in busy:
-            while thread.is_alive():
-                thread.join(_SWEEP_INTERVAL_S)
-                with connections.lock:
-                    connections.cut_overdue(time.monotonic())
+            self._listener.close()
+            self._remove_own_socket()
         os.close(self._wake_read)
         os.close(self._wake_write)
+
+    def _stop_listening(self) -> None:
+        assert self._listener is not None
+        self._listening = False
+        self._selector.unregister(self._listener)
+        self._listener.close()
+        self._remove_own_socket()
+        idle = [c for c in self._clients if c.state in (_State.IDLE, _State.DRAINING)]
+        for client in idle:
+            self._close(client)
+        if self._clients:
+            log.info("finishing %d request(s) in flight", len(self._clients))
+
+    # --- connections ------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                log.warning("accept failed: %s", error)
+                return
+            if len(self._clients) >= MAX_CONNECTIONS and not self._make_room():
+                log.warning("too many connections (%d); refusing one", MAX_CONNECTIONS)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            client = _Client(sock, time.monotonic())
+            self._clients.add(client)
+            self._selector.register(sock, selectors.EVENT_READ, client)
+
+    def _make_room(self) -> bool:
+        """Cut the connection that has waited longest on its client, idle ones first."""
+        for state in (_State.IDLE, _State.DRAINING, _State.RECEIVING, _State.SENDING):
+            waiting = [client for client in self._clients if client.state is state]
+            if waiting:
+                self._close(min(waiting, key=lambda client: client.since))
+                return True
+        return False
+
+    def _cut_overdue(self, now: float) -> None:
+        for client in list(self._clients):
+            if not client.waits_on_client():
+                continue
+            waited = now - client.since
+            if client.state is _State.IDLE:
+                overdue = waited > IDLE_TIMEOUT_S
+            elif client.state is _State.DRAINING:
+                overdue = waited > _DRAIN_S
+            else:
+                overdue = waited > REQUEST_TIMEOUT_S
+                if overdue:
+                    log.info(
+                        "dropping a client that took over %.0f s %s",
+                        REQUEST_TIMEOUT_S,
+                        "to send its request"
+                        if client.state is _State.RECEIVING
+                        else "to read its reply",
+                    )
+            if overdue:
+                self._close(client)
+
+    def _close(self, client: _Client) -> None:
+        if client not in self._clients:
+            return
+        self._clients.discard(client)
+        with suppress(KeyError, ValueError):
+            self._selector.unregister(client.sock)
+        client.sock.close()
+
+    def _listen_for(self, client: _Client, events: int) -> None:
+        if events == client.events:
+            return
+        if not events:
+            self._selector.unregister(client.sock)
+        elif not client.events:
+            self._selector.register(client.sock, events, client)
+        else:
+            self._selector.modify(client.sock, events, client)
+        client.events = events
+
+    def _on_ready(self, client: _Client, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            self._send(client)
+        elif events & selectors.EVENT_READ:
+            self._receive(client)
+
+    def _receive(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            log.debug("connection closed: %s", error)
+            self._close(client)
+            return
+        if client.state is _State.DRAINING:
+            client.reads += 1
+            if not data or client.reads >= _DRAIN_READS:
+                self._close(client)
+            return
+        if not data:
+            client.ended = True
+            if not client.received:
+                self._close(client)
+                return
+        else:
+            client.received += data
+            if client.state is _State.IDLE:
+                client.state = _State.RECEIVING
+                client.since = time.monotonic()
+        self._take_request(client)
+
+    def _take_request(self, client: _Client) -> None:
+        """Answer the request at the start of what the client sent, once it is whole."""
+        try:
+            parsed = parse_request(client.received, at_end=client.ended)
+            if parsed is None and client.ended:
+                raise BadRequest("request cut short")
+        except BadRequest as error:
+            log.info("bad request on the socket: %s", error)
+            client.received.clear()
+            client.closing = client.refused = True
+            self._reply(
+                client, encode_response(500, {"Err": f"bad request: {error}"}, keep_alive=False)
+            )
+            return
+        if parsed is None:
+            return
+        request, used = parsed
+        del client.received[:used]
+        client.state = _State.ANSWERING
+        client.closing = client.ended or not request.keep_alive
+        if request.path in _SLOW_ENDPOINTS:
+            self._answer_slow(client, request)
+        else:
+            self._reply(client, self._answer_bytes(request))
+
+    def _answer_bytes(self, request: Request) -> bytes:
+        status, document = self.handle(request.method, request.path, request.body)
+        return encode_response(status, document, keep_alive=request.keep_alive)
+
+    def _answer_slow(self, client: _Client, request: Request) -> None:
+        # Should the loop move to another thread meanwhile, the client stays out of it.
+        self._listen_for(client, 0)
+        with self._role:
+            generation = self._generation
+            self._slow_since = time.monotonic()
+            self._start_standby()
+        reply = self._answer_bytes(request)
+        with self._role:
+            taken_over = self._generation != generation
+            if not taken_over:
+                self._slow_since = None
+        if not taken_over:
+            self._reply(client, reply)
+            return
+        # The loop is another thread's now: send what fits at once, leave the rest to it.
+        rest = memoryview(reply)
+        with suppress(OSError):  # the loop's own attempt reports it
+            rest = rest[client.sock.send(rest) :]
+        with self._answers_lock:
+            self._answers.append((client, rest))
+        self._wake()
+        raise _LoopTakenOver
+
+    def _send_answers(self) -> None:
+        with self._answers_lock:
+            answers, self._answers = self._answers, []
+        for client, rest in answers:
+            self._reply(client, rest)
+
+    def _reply(self, client: _Client, reply: bytes | memoryview) -> None:
+        if client not in self._clients:
+            return
+        client.unsent = memoryview(reply)
+        client.state = _State.SENDING
+        client.since = time.monotonic()
+        self._send(client)
+
+    def _send(self, client: _Client) -> None:
+        if client.unsent:
+            try:
+                sent = client.sock.send(client.unsent)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                log.debug("connection closed: %s", error)
+                self._close(client)
+                return
+            client.unsent = client.unsent[sent:]
+            if client.unsent:
+                if sent:
+                    client.since = time.monotonic()
+                self._listen_for(client, selectors.EVENT_WRITE)
+                return
+        self._listen_for(client, selectors.EVENT_READ)
+        client.since = time.monotonic()
+        if client.refused and not client.ended:
+            with suppress(OSError):
+                client.sock.shutdown(socket.SHUT_WR)
+            client.state = _State.DRAINING
+        elif client.closing or self._stop_requested:
+            self._close(client)
+        elif client.received:
+            client.state = _State.RECEIVING
+            self._pending.append(client)  # pipelined: taken up by the loop, not recursively
+        else:
+            client.state = _State.IDLE
+
+    def _take_pending_requests(self) -> None:
+        while self._pending:
+            client = self._pending.popleft()
+            if client in self._clients and client.state is _State.RECEIVING:
+                self._take_request(client)
 
     def _remove_own_socket(self) -> None:
         # A second instance may have replaced our socket file meanwhile; leave theirs alone.
@@ -526,16 +665,6 @@ class PluginServer:
                 self.socket_path.unlink()
         except FileNotFoundError:
             pass
-
-
-def _discard_unread(connection: socket.socket) -> None:
-    """Read and drop what the client still sends, briefly, so closing does not reset
-    the connection before it has read our error reply."""
-    connection.shutdown(socket.SHUT_WR)
-    connection.settimeout(1.0)
-    for _ in range(64):
-        if not connection.recv(65536):
-            return
 
 
 def _socket_answers(path: Path) -> bool:

@@ -41,7 +41,7 @@ from .harness import (
     send,
     set_up,
     verify_after_fault,
-    wait_single_threaded,
+    wait_settled,
 )
 
 
@@ -63,7 +63,7 @@ def test_crash_at_step(ws: Workspace, tracer: Tracer, crash_point: CrashPoint | 
             f"{scenario.name}: with a kill one call past the clean count of every syscall "
             f"the request must complete: {reply}\n{daemon.log()}"
         )
-        wait_single_threaded(daemon.pid)
+        wait_settled(daemon.pid)
         strace.stop()
         calls, killed = strace.calls()
         assert not killed

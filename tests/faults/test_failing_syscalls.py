@@ -39,7 +39,7 @@ from .harness import (
     set_up,
     strerror_of,
     verify_after_fault,
-    wait_single_threaded,
+    wait_settled,
 )
 
 
@@ -66,7 +66,7 @@ def test_failing_syscall(ws: Workspace, tracer: Tracer, error_point: ErrorPoint 
     strace = tracer.attach(daemon.pid, [f"{call.name}:error={error}:when={call.occurrence}"])
     reply = send(client, scenario.endpoint, scenario.body(ws))
     assert reply is not None, f"{context}: no answer\n{daemon.log()}"
-    wait_single_threaded(daemon.pid)
+    wait_settled(daemon.pid)
     strace.stop()
     assert daemon.process.poll() is None, f"{context}: the daemon died\n{daemon.log()}"
     calls, _ = strace.calls()
@@ -123,7 +123,7 @@ def test_short_write_of_a_state_file_leaves_no_truncated_file(
 
     strace = tracer.attach(daemon.pid, [f"write:retval=1:when={call.occurrence}"])
     reply = send(client, scenario.endpoint, scenario.body(ws))
-    wait_single_threaded(daemon.pid)
+    wait_settled(daemon.pid)
     strace.stop()
     assert reply is not None and reply.status in (200, 500), f"{context}: {reply}"
     if reply.status == 500:

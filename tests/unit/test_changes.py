@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import os
 import shutil
@@ -218,8 +219,94 @@ def test_the_upper_holds_what_the_kernel_wrote(changed: Changed) -> None:
     assert "trusted.overlay.opaque" not in os.listxattr(upper / "new_dir")
 
 
-def test_diff_lists_every_kind_of_change(changed: Changed) -> None:
+@pytest.mark.parametrize("listing_bytes", [0, 1 << 40], ids=["lookups", "listings"])
+def test_diff_lists_every_kind_of_change(
+    changed: Changed, listing_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same changes whether diff looks each upper name up in the base directories or
+    lists them (it picks by their sizes; here every one is looked up, or listed)."""
+    monkeypatch.setattr(changes, "_BASE_LISTING_BYTES_PER_UPPER_ENTRY", listing_bytes)
     assert diff(changed.volume.upper, changed.volume.base) == EXPECTED_DIFF
+
+
+def test_diff_looks_names_up_rather_than_list_a_huge_base_directory(
+    volume: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume.unmount()
+    huge = volume.base / "huge"
+    huge.mkdir()
+    for number in range(5000):
+        (huge / f"file{number:05d}").touch()
+    volume.mount()
+    mnt = volume.mountpoint / "huge"
+    (mnt / "file00001").write_text("changed\n")
+    (mnt / "file00002").unlink()
+    (mnt / "new").mkdir()
+    volume.unmount()
+    listed: list[str] = []
+    scandir = os.scandir
+
+    def spy(path: str) -> Iterator[os.DirEntry[str]]:
+        listed.append(str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", spy)
+    assert diff(volume.upper, volume.base) == [
+        Change("C", "/huge"),
+        Change("C", "/huge/file00001"),
+        Change("D", "/huge/file00002"),
+        Change("A", "/huge/new"),
+    ]
+    assert str(huge) not in listed
+    assert str(volume.upper / "huge") in listed
+
+
+def test_xattr_whiteouts_count_in_a_directory_marked_x(volume: Volume, workspace: Path) -> None:
+    """Zero-size files with trusted.overlay.whiteout, which other tools may write: the
+    documented format marks their directory with trusted.overlay.opaque = "x"."""
+    volume.unmount()
+    marked = volume.upper / "dir"
+    marked.mkdir()
+    os.setxattr(marked, "trusted.overlay.opaque", b"x")
+    (marked / "inner.txt").touch()
+    os.setxattr(marked / "inner.txt", "trusted.overlay.whiteout", b"")
+    volume.mount()
+    assert not os.path.lexists(volume.mountpoint / "dir" / "inner.txt")
+    volume.unmount()
+    # A read-only overlay with the upper as a lower layer, as an exported layer is used:
+    # there the kernel hides the name from listings too.
+    merge_into(volume.upper, volume.base, workspace / "merged")
+    assert sorted(os.listdir(workspace / "merged" / "dir")) == ["sub"]
+    # Unmarked, it is the empty file that it is.
+    (volume.upper / "keep.txt").touch()
+    os.setxattr(volume.upper / "keep.txt", "trusted.overlay.whiteout", b"")
+    assert diff(volume.upper, volume.base) == [
+        Change("C", "/dir"),
+        Change("D", "/dir/inner.txt"),
+        Change("C", "/keep.txt"),
+    ]
+    with tarfile.open(fileobj=io.BytesIO(export_through_a_pipe(volume.upper))) as tar:
+        members = {member.name: member for member in tar.getmembers()}
+    assert sorted(members) == ["dir", "dir/.wh.inner.txt", "keep.txt"]
+    assert members["keep.txt"].isreg()
+    assert members["keep.txt"].pax_headers == {}
+    apply_to_base(volume.upper, volume.base)
+    assert sorted(os.listdir(volume.base / "dir")) == ["sub"]
+    assert (volume.base / "keep.txt").read_bytes() == b""
+
+
+def test_diff_leaves_the_garbage_collector_as_it_was(changed: Changed) -> None:
+    """diff pauses the cyclic collector while it runs (see _cyclic_gc_paused)."""
+    volume = changed.volume
+    assert gc.isenabled()
+    assert diff(volume.upper, volume.base) == EXPECTED_DIFF
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        diff(volume.upper, volume.base)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_diff_of_an_untouched_volume_is_empty(volume: Volume) -> None:
@@ -315,6 +402,73 @@ def test_export_applied_onto_the_base_gives_the_merged_view(
     # The layer has no root entry and whole-second mtimes: compare the rest.
     assert below_root(snapshot(copy, times=False)) == without_times(below_root(changed.merged))
     assert hard_link_groups(copy) == changed.merged_links
+
+
+def test_export_keeps_what_a_ustar_header_cannot_hold(workspace: Path) -> None:
+    """Long names and link targets, ids and times out of the ustar fields' range, names and
+    xattr values that are not UTF-8, a file of several read chunks: pax records carry
+    them, and both tarfile and GNU tar read them back."""
+    upper = workspace / "upper"
+    deep = upper / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    (deep / ("f" * 200)).write_text("long path\n")
+    # Files come before subdirectories: the deep name links to the first, long one.
+    os.link(deep / ("f" * 200), upper / ("g" * 150))
+    (upper / "target").symlink_to("t" * 150)
+    (upper / "ids").write_text("ids\n")
+    os.chown(upper / "ids", 3_000_000, 2**32 - 2)
+    (upper / "old").write_text("1969\n")
+    os.utime(upper / "old", (0, -100))
+    (upper / os.fsdecode(b"not utf-8 \xff")).write_text("bytes\n")
+    os.setxattr(upper / "ids", "user.binary", b"\xff\x00\n=")
+    (upper / "big").write_bytes(os.urandom(3 * changes._CHUNK + 5))
+    (upper / "plain").write_text("plain\n")
+    expected = without_times(below_root(snapshot(upper)))
+    layer = export_through_a_pipe(upper)
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+        members = {member.name: member for member in tar.getmembers()}
+    assert members["plain"].pax_headers == {}
+    assert members[f"{'d' * 120}/{'e' * 120}/{'f' * 200}"].linkname == "g" * 150
+    assert members["old"].mtime == -100
+    by_tarfile = workspace / "by-tarfile"
+    by_tarfile.mkdir()
+    apply_oci_layer(layer, by_tarfile)
+    by_gnu_tar = workspace / "by-gnu-tar"
+    by_gnu_tar.mkdir()
+    extracted = subprocess.run(
+        ["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf", "-"],
+        input=layer,
+        cwd=by_gnu_tar,
+        capture_output=True,
+        check=True,
+    )
+    assert b"Ignoring" not in extracted.stderr
+    for copy in (by_tarfile, by_gnu_tar):
+        assert without_times(below_root(snapshot(copy))) == expected
+        assert os.lstat(copy / "old").st_mtime == -100
+        assert hard_link_groups(copy) == hard_link_groups(upper)
+
+
+def test_export_writes_in_chunks_of_bounded_size(
+    changed: Changed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upper = changed.volume.upper
+    (upper / "large").write_bytes(os.urandom(50_000))
+    whole = io.BytesIO()
+    export_layer(upper, whole)
+    monkeypatch.setattr(changes, "_CHUNK", 4096)
+    sizes: list[int] = []
+
+    class Recorder(io.BytesIO):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            sizes.append(len(data))
+            return super().write(data)
+
+    chunked = Recorder()
+    export_layer(upper, chunked)
+    assert chunked.getvalue() == whole.getvalue()
+    assert len(sizes) > 10
+    assert max(sizes) < 2 * 4096
 
 
 def test_export_refuses_a_name_that_a_layer_reads_as_a_whiteout(volume: Volume) -> None:
