@@ -253,7 +253,7 @@ def targets(results: dict) -> list[dict]:
         if measured is None:
             entry["met"] = None
         else:
-            entry["measured"] = round(measured, 2)
+            entry["measured"] = round(measured, 3 if unit == "x" else 2)
             entry["met"] = measured <= limit
             entry["ratio_to_limit"] = round(measured / limit, 3)
         found.append(entry)
@@ -448,7 +448,7 @@ def report(results: dict) -> str:
         else:
             shown = f"{measured:g} {target['unit']} (limit {target['limit']:g})"
             if target["met"] is False:
-                shown += f", {(target['ratio_to_limit'] - 1) * 100:.0f} % over"
+                shown += f", {(target['ratio_to_limit'] - 1) * 100:.1f} % over"
         lines.append(f"  {verdict:<7}{target['name']:<50} {shown}")
     if proto and proto.get("errors"):
         lines += ["", "Unexpected failures in the protocol part (first ones):"]

@@ -61,8 +61,8 @@ _SLOW_ENDPOINTS = frozenset(
 )
 _TAKEOVER_S = 0.05
 MAX_THREADS = 64
-# A second standby (left by a take-over) ends after this long without one.
-_SPARE_STANDBY_S = 2.0
+# How long after a slow request the standbys keep looking rather than sleep.
+_WATCH_S = 10.0
 
 
 class Mountable(Protocol):
@@ -228,6 +228,8 @@ class PluginServer:
         self._generation = 0
         self._slow_since: float | None = None  # when the loop thread began a slow request
         self._standbys = 0
+        self._sleepers = 0  # standbys that wait to be woken rather than look
+        self._last_slow = -_WATCH_S  # when the last slow request began
         self._threads: set[threading.Thread] = set()  # besides the one that called serve
         self._done = False
         self._failure: BaseException | None = None
@@ -332,7 +334,7 @@ class PluginServer:
         self._listening = True
         self._next_sweep = time.monotonic() + _SWEEP_INTERVAL_S
         with self._role:
-            self._start_standby()
+            self._spawn_standby()
         self._take_turns(holding=True)
         with self._role:
             threads = list(self._threads)
@@ -368,32 +370,47 @@ class PluginServer:
 
     def _standby(self, *, main: bool) -> bool:
         """Wait until the loop thread has spent too long on one request: True, the loop
-        is this thread's now. False: serving is over, or one standby too many waits."""
+        is this thread's now. False: serving is over, or one standby too many waits.
+
+        While slow requests come, a standby looks every _TAKEOVER_S rather than being
+        woken for each: waking a thread costs more than many a request.
+        """
         with self._role:
             self._standbys += 1
             try:
                 while not self._done:
-                    if self._slow_since is None:
-                        spare = self._standbys > 1 and not main
-                        if not self._role.wait(_SPARE_STANDBY_S if spare else None) and spare:
-                            return False
-                        continue
-                    left = self._slow_since + _TAKEOVER_S - time.monotonic()
-                    if left > 0:
+                    now = time.monotonic()
+                    if self._slow_since is not None:
+                        left = self._slow_since + _TAKEOVER_S - now
+                        if left <= 0:
+                            self._slow_since = None
+                            self._generation += 1
+                            return True
                         self._role.wait(left)
-                        continue
-                    self._slow_since = None
-                    self._generation += 1
-                    return True
+                    elif self._standbys > 1 and not main:
+                        return False  # one standby is enough
+                    elif now - self._last_slow < _WATCH_S:
+                        self._role.wait(_TAKEOVER_S)
+                    else:
+                        self._sleepers += 1
+                        try:
+                            self._role.wait()
+                        finally:
+                            self._sleepers -= 1
                 return False
             finally:
                 self._standbys -= 1
 
-    def _start_standby(self) -> None:
-        """Under `_role`: make sure a thread stands by to take the loop over."""
-        if self._standbys:
+    def _watch_slow_request(self) -> None:
+        """Under `_role`, as a slow request begins: make sure a standby watches it."""
+        self._last_slow = time.monotonic()
+        if not self._standbys:
+            self._spawn_standby()
+        elif self._sleepers == self._standbys:
             self._role.notify()
-        elif len(self._threads) < MAX_THREADS:
+
+    def _spawn_standby(self) -> None:
+        if len(self._threads) < MAX_THREADS:
             thread = threading.Thread(
                 target=self._take_turns, kwargs={"holding": False}, name="loop", daemon=True
             )
@@ -588,7 +605,7 @@ class PluginServer:
         with self._role:
             generation = self._generation
             self._slow_since = time.monotonic()
-            self._start_standby()
+            self._watch_slow_request()
         reply = self._answer_bytes(request)
         with self._role:
             taken_over = self._generation != generation
