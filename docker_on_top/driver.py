@@ -239,16 +239,14 @@ class Driver:
         # One read of the mount table rather than a look into each volume's records.
         mounted = kernel.mount_points()
         real_root = os.path.realpath(self.root)
-        return [
+        listed = (
             self._listed(volume, mounted=f"{real_root}/{volume.name}/mountpoint" in mounted)
             for volume in self._volumes()
-        ]
+        )
+        return [info for info in listed if info is not None]
 
     def get(self, name: str) -> VolumeInfo:
-        volume = self._volume(name)
-        if not volume.exists():
-            raise UserError(NO_SUCH_VOLUME)
-        return self._info(volume)
+        return self._info(self._volume(name))
 
     def path(self, name: str) -> str:
         volume = self._volume(name)
@@ -634,7 +632,10 @@ class Driver:
     # never a walk of the changes.
 
     def _info(self, volume: Volume) -> VolumeInfo:
-        created_at, status = self._described(volume)
+        described = self._described(volume)
+        if described is None:
+            raise UserError(NO_SUCH_VOLUME)
+        created_at, status = described
         mounts = 0
         try:
             mounts = self._total_uses(volume)
@@ -648,8 +649,11 @@ class Driver:
             status=status,
         )
 
-    def _listed(self, volume: Volume, *, mounted: bool) -> VolumeInfo:
-        created_at, _ = self._described(volume)
+    def _listed(self, volume: Volume, *, mounted: bool) -> VolumeInfo | None:
+        described = self._described(volume)
+        if described is None:
+            return None  # removed meanwhile
+        created_at, _ = described
         return VolumeInfo(
             name=volume.name,
             mountpoint=_mountpoint_reply(volume) if mounted else "",
@@ -657,10 +661,16 @@ class Driver:
             status={},
         )
 
-    def _described(self, volume: Volume) -> tuple[str, dict[str, object]]:
-        """When the volume was made, and the status fields its metadata gives."""
+    def _described(self, volume: Volume) -> tuple[str, dict[str, object]] | None:
+        """When the volume was made, and the status fields its metadata gives; None when
+        the volume does not exist."""
         try:
             metadata, created_at = self._metadata_cache.read(volume)
+        except (FileNotFoundError, NotADirectoryError) as error:
+            if not volume.exists():
+                return None
+            log.warning("volume %s: cannot read its metadata: %s", volume.name, error)
+            return "", {}
         except (OSError, ValueError) as error:
             log.warning("volume %s: cannot read its metadata: %s", volume.name, error)
             return "", {}

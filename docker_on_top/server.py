@@ -227,6 +227,7 @@ class PluginServer:
         self._role = threading.Condition(threading.Lock())
         self._generation = 0
         self._slow_since: float | None = None  # when the loop thread began a slow request
+        self._slow_client: _Client | None = None  # whose request that is
         self._standbys = 0
         self._sleepers = 0  # standbys that wait to be woken rather than look
         self._last_slow = -_WATCH_S  # when the last slow request began
@@ -352,6 +353,10 @@ class PluginServer:
         is not needed as a standby."""
         main = holding
         while holding or self._standby(main=main):
+            if not holding and self._slow_client is not None:
+                # Taken over: the client whose request goes on elsewhere stays out of the
+                # loop until its reply comes back.
+                self._listen_for(self._slow_client, 0)
             holding = False
             try:
                 self._run_loop()
@@ -600,11 +605,10 @@ class PluginServer:
         return encode_response(status, document, keep_alive=request.keep_alive)
 
     def _answer_slow(self, client: _Client, request: Request) -> None:
-        # Should the loop move to another thread meanwhile, the client stays out of it.
-        self._listen_for(client, 0)
         with self._role:
             generation = self._generation
             self._slow_since = time.monotonic()
+            self._slow_client = client
             self._watch_slow_request()
         reply = self._answer_bytes(request)
         with self._role:
