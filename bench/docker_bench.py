@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import kernel_floor
+
 BUSYBOX = "/bin/busybox"
 KINDS = ("plugin", "local_overlay", "bind")
 # The dockerd to talk to: None for the default one (DOCKER_HOST or /var/run/docker.sock).
@@ -153,15 +155,6 @@ def _run_container(name: str, mount: str, image: str, command: list[str]) -> flo
     return time.perf_counter() - started
 
 
-def _unmount_under(folder: Path) -> None:
-    prefix = str(folder) + "/"
-    with open("/proc/self/mountinfo") as table:
-        points = [line.split()[4] for line in table]
-    for point in reversed(points):
-        if point.startswith(prefix):
-            subprocess.run(["umount", "-l", point], check=False)
-
-
 def run(
     driver: str, *, rounds: int = 20, warmup: int = 2, parent: str | None = None
 ) -> dict[str, object]:
@@ -247,7 +240,7 @@ def run(
             docker("volume", "rm", "-f", volume, check=False, timeout=60)
         if image_made:
             docker("rmi", "-f", image, check=False, timeout=60)
-        _unmount_under(workspace)
+        kernel_floor.unmount_under(workspace)
         shutil.rmtree(workspace, ignore_errors=True)
 
 
@@ -297,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if private is not None:
             private.stop()
-            _unmount_under(private.folder)
+            kernel_floor.unmount_under(private.folder)
             shutil.rmtree(private.folder, ignore_errors=True)
     if arguments.json:
         arguments.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -160,13 +160,15 @@ def measure(workspace: Path, *, iterations: int = 300, warmup: int = 20) -> dict
     }
 
 
-def _unmount_under(folder: Path) -> None:
+def unmount_under(folder: Path) -> int:
+    """Detach every mount below `folder`, deepest first; how many there were."""
     prefix = str(folder) + "/"
     with open("/proc/self/mountinfo") as table:
-        points = [line.split()[4] for line in table]
-    for point in reversed(points):
-        if point.startswith(prefix):
-            _libc.umount2(os.fsencode(point), 2)  # MNT_DETACH
+        points = [line.split()[4].encode().decode("unicode_escape") for line in table]
+    leftovers = [point for point in points if point.startswith(prefix)]
+    for point in reversed(leftovers):
+        _libc.umount2(os.fsencode(point), 2)  # MNT_DETACH
+    return len(leftovers)
 
 
 def run(parent: str | None = None, **kwargs: int) -> dict[str, object]:
@@ -174,7 +176,7 @@ def run(parent: str | None = None, **kwargs: int) -> dict[str, object]:
     try:
         return measure(workspace, **kwargs)
     finally:
-        _unmount_under(workspace)
+        unmount_under(workspace)
         shutil.rmtree(workspace, ignore_errors=True)
 
 

@@ -25,7 +25,6 @@ they show. Targets and the Go original's reference figures are printed beside th
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
@@ -137,21 +136,6 @@ class Daemon:
                 self.process.wait()
         self.process = None
         return time.perf_counter() - started
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def unmount_under(folder: Path) -> int:
-    """Detach every mount at or below `folder`, deepest first; how many there were."""
-    prefix = str(folder) + "/"
-    with open("/proc/self/mountinfo") as table:
-        points = [line.split()[4].encode().decode("unicode_escape") for line in table]
-    leftovers = [point for point in points if point.startswith(prefix)]
-    for point in reversed(leftovers):
-        _libc.umount2(os.fsencode(point), 2)  # MNT_DETACH
-    return len(leftovers)
 
 
 # --- the machine -------------------------------------------------------------------------
@@ -523,7 +507,7 @@ def tmpfs_part(workspace: Path, name: str, iterations: int, daemons: list[Daemon
         return {"skipped": f"failed: {error}"}
     finally:
         daemon.stop()
-        unmount_under(scratch)
+        kernel_floor.unmount_under(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -699,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for daemon in daemons:
             daemon.stop()
-        left = unmount_under(workspace)
+        left = kernel_floor.unmount_under(workspace)
         if left:
             log(f"unmounted {left} leftover mount(s) under {workspace}")
         shutil.rmtree(workspace, ignore_errors=True)

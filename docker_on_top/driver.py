@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import stat
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -49,7 +48,6 @@ PODMAN_MOUNT_ID = "2f73349cfc4630255319c6c8dfc1b46a8996ace9d14d8e07563b165915918
 # Removing a volume detaches mounts stacked on its mountpoint by earlier failures; a
 # bound keeps a mountpoint that refuses to become free from looping forever.
 _MAX_STACKED_MOUNTS = 16
-_THREAD_LOCK_STRIPES = 256
 
 
 @dataclass(frozen=True)
@@ -116,9 +114,6 @@ class Driver:
         # (unreleased.json) so that a restart does not forget them.
         self._unreleased: dict[str, Counter[str]] = {}
         self._metadata_cache = MetadataCache()
-        # Striped, as a lock per volume would have to be forgotten again; two volumes
-        # that share a stripe only take turns. Never hold two: stripes can coincide.
-        self._thread_locks = [threading.Lock() for _ in range(_THREAD_LOCK_STRIPES)]
 
     # --- start-up -----------------------------------------------------------------
 
@@ -132,7 +127,7 @@ class Driver:
         self._finish_removals()
         report = RecoveryReport([], [], [], [])
         for volume in self._volumes():
-            if not volume.metadata_path.exists() and self._remove_half_made(volume):
+            if not volume.has_metadata() and self._remove_half_made(volume):
                 report.half_made.append(volume.name)
                 continue
             try:
@@ -197,7 +192,7 @@ class Driver:
                         return False
             if volume.records.exists() and volume.records.in_use():
                 return False
-            if volume.metadata_path.exists():
+            if volume.has_metadata():
                 return False
             volume.destroy()
         except OSError as error:
@@ -530,7 +525,7 @@ class Driver:
     ) -> list[Finding]:
         ids = volume.records.ids()
         mounted = kernel.is_mount_point(volume.mountpoint)
-        pending = volume.read_unreleased() if volume.unreleased_path.exists() else {}
+        pending = volume.read_unreleased()
         if pending:
             self._unreleased[volume.name] = Counter(pending)
         if not ids:
@@ -666,12 +661,9 @@ class Driver:
         the volume does not exist."""
         try:
             metadata, created_at = self._metadata_cache.read(volume)
-        except (FileNotFoundError, NotADirectoryError) as error:
-            if not volume.exists():
-                return None
-            log.warning("volume %s: cannot read its metadata: %s", volume.name, error)
-            return "", {}
         except (OSError, ValueError) as error:
+            if isinstance(error, FileNotFoundError | NotADirectoryError) and not volume.exists():
+                return None
             log.warning("volume %s: cannot read its metadata: %s", volume.name, error)
             return "", {}
         return created_at, {"Base": metadata.base_dir, "Volatile": metadata.volatile}
@@ -692,20 +684,19 @@ class Driver:
 
     @contextmanager
     def _locked(self, volume: Volume) -> Iterator[None]:
-        # Threads of this process queue on a thread lock first: it hands over to one
-        # waiter at a time, where many threads blocked in flock all wake at each unlock.
-        with self._thread_locks[hash(volume.name) % len(self._thread_locks)]:
-            lock = volume.records.lock()
-            try:
-                lock.__enter__()
-            except FileNotFoundError:
-                raise UserError(NO_SUCH_VOLUME) from None
-            except OSError as error:
-                raise InternalError("failed to lock the volume's activemounts/", error) from error
-            try:
-                yield
-            finally:
-                lock.__exit__()
+        # Each lock opens its own descriptor, so the flock serialises this process's
+        # threads as well as other processes.
+        lock = volume.records.lock()
+        try:
+            lock.__enter__()
+        except FileNotFoundError:
+            raise UserError(NO_SUCH_VOLUME) from None
+        except OSError as error:
+            raise InternalError("failed to lock the volume's activemounts/", error) from error
+        try:
+            yield
+        finally:
+            lock.__exit__()
 
     @staticmethod
     def _usage_count(volume: Volume, mount_id: str) -> int | None:

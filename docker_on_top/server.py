@@ -218,7 +218,6 @@ class PluginServer:
         self._selector = selectors.DefaultSelector()
         self._clients: set[_Client] = set()
         self._pending: deque[_Client] = deque()
-        self._listening = False
         self._next_sweep = 0.0
         # Replies of requests whose thread lost the loop meanwhile, for the loop to finish.
         self._answers_lock = threading.Lock()
@@ -226,8 +225,8 @@ class PluginServer:
         # Who holds the loop, under `_role`: the generation counts take-overs.
         self._role = threading.Condition(threading.Lock())
         self._generation = 0
-        self._slow_since: float | None = None  # when the loop thread began a slow request
-        self._slow_client: _Client | None = None  # whose request that is
+        # The slow request the loop thread is answering: when it began, and whose it is.
+        self._slow: tuple[float, _Client] | None = None
         self._standbys = 0
         self._sleepers = 0  # standbys that wait to be woken rather than look
         self._last_slow = -_WATCH_S  # when the last slow request began
@@ -332,7 +331,6 @@ class PluginServer:
         self._listener.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._selector.register(self._wake_read, selectors.EVENT_READ)
-        self._listening = True
         self._next_sweep = time.monotonic() + _SWEEP_INTERVAL_S
         with self._role:
             self._spawn_standby()
@@ -352,11 +350,14 @@ class PluginServer:
         The thread that called serve stays until serving is over; another ends when it
         is not needed as a standby."""
         main = holding
-        while holding or self._standby(main=main):
-            if not holding and self._slow_client is not None:
-                # Taken over: the client whose request goes on elsewhere stays out of the
+        while True:
+            if not holding:
+                taken_from = self._standby(main=main)
+                if taken_from is None:
+                    break
+                # The client whose request goes on in the other thread stays out of the
                 # loop until its reply comes back.
-                self._listen_for(self._slow_client, 0)
+                self._listen_for(taken_from, 0)
             holding = False
             try:
                 self._run_loop()
@@ -373,9 +374,10 @@ class PluginServer:
             with self._role:
                 self._threads.discard(threading.current_thread())
 
-    def _standby(self, *, main: bool) -> bool:
-        """Wait until the loop thread has spent too long on one request: True, the loop
-        is this thread's now. False: serving is over, or one standby too many waits.
+    def _standby(self, *, main: bool) -> _Client | None:
+        """Wait until the loop thread has spent too long on one request: the loop is this
+        thread's now, and that request's client is returned. None: serving is over, or
+        one standby too many waits.
 
         While slow requests come, a standby looks every _TAKEOVER_S rather than being
         woken for each: waking a thread costs more than many a request.
@@ -385,15 +387,16 @@ class PluginServer:
             try:
                 while not self._done:
                     now = time.monotonic()
-                    if self._slow_since is not None:
-                        left = self._slow_since + _TAKEOVER_S - now
+                    if self._slow is not None:
+                        since, client = self._slow
+                        left = since + _TAKEOVER_S - now
                         if left <= 0:
-                            self._slow_since = None
+                            self._slow = None
                             self._generation += 1
-                            return True
+                            return client
                         self._role.wait(left)
                     elif self._standbys > 1 and not main:
-                        return False  # one standby is enough
+                        return None  # one standby is enough
                     elif now - self._last_slow < _WATCH_S:
                         self._role.wait(_TAKEOVER_S)
                     else:
@@ -402,7 +405,7 @@ class PluginServer:
                             self._role.wait()
                         finally:
                             self._sleepers -= 1
-                return False
+                return None
             finally:
                 self._standbys -= 1
 
@@ -425,7 +428,7 @@ class PluginServer:
     def _run_loop(self) -> None:
         """Serve until serving is over, or until another thread takes the loop over."""
         try:
-            while self._listening or self._clients:
+            while self._listener is not None or self._clients:
                 timeout = max(0.0, self._next_sweep - time.monotonic())
                 for key, events in self._selector.select(timeout):
                     if key.fileobj is self._listener:
@@ -437,7 +440,7 @@ class PluginServer:
                         self._on_ready(key.data, events)
                 self._send_answers()
                 self._take_pending_requests()
-                if self._stop_requested and self._listening:
+                if self._stop_requested and self._listener is not None:
                     self._stop_listening()
                 now = time.monotonic()
                 if now >= self._next_sweep:
@@ -448,7 +451,7 @@ class PluginServer:
         except BaseException:
             for client in list(self._clients):
                 self._close(client)
-            if self._listening:
+            if self._listener is not None:
                 self._stop_listening()
             raise
 
@@ -462,9 +465,9 @@ class PluginServer:
 
     def _stop_listening(self) -> None:
         assert self._listener is not None
-        self._listening = False
         self._selector.unregister(self._listener)
         self._listener.close()
+        self._listener = None
         self._remove_own_socket()
         idle = [c for c in self._clients if c.state in (_State.IDLE, _State.DRAINING)]
         for client in idle:
@@ -607,14 +610,13 @@ class PluginServer:
     def _answer_slow(self, client: _Client, request: Request) -> None:
         with self._role:
             generation = self._generation
-            self._slow_since = time.monotonic()
-            self._slow_client = client
+            self._slow = (time.monotonic(), client)
             self._watch_slow_request()
         reply = self._answer_bytes(request)
         with self._role:
             taken_over = self._generation != generation
             if not taken_over:
-                self._slow_since = None
+                self._slow = None
         if not taken_over:
             self._reply(client, reply)
             return

@@ -209,10 +209,6 @@ class Volume:
         return self._root / self.name
 
     @cached_property
-    def metadata_path(self) -> Path:
-        return Path(self.metadata_file)
-
-    @cached_property
     def upper(self) -> Path:
         return Path(f"{self.location}/upper")
 
@@ -235,6 +231,9 @@ class Volume:
     def exists(self) -> bool:
         return os.path.isdir(self.location)
 
+    def has_metadata(self) -> bool:
+        return os.path.exists(self.metadata_file)
+
     def read_metadata(self) -> Metadata:
         return Metadata.from_json(read_file(self.metadata_file))
 
@@ -248,7 +247,7 @@ class Volume:
             self.upper.mkdir()
             self.records.make()
             write_atomically(
-                self.metadata_path,
+                self.metadata_file,
                 metadata.to_json(),
                 self.folder / ".metadata.json.tmp",
                 durable=True,

@@ -11,14 +11,8 @@ import json
 
 from hypothesis import strategies as st
 
-ENDPOINTS_WITH_BODY = [
-    "/VolumeDriver.Create",
-    "/VolumeDriver.Get",
-    "/VolumeDriver.Remove",
-    "/VolumeDriver.Path",
-    "/VolumeDriver.Mount",
-    "/VolumeDriver.Unmount",
-]
+from ..protocol.conftest import ENDPOINTS_WITH_BODY
+
 ENDPOINTS = [
     "/Plugin.Activate",
     "/VolumeDriver.Capabilities",

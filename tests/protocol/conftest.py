@@ -50,6 +50,17 @@ START_TIMEOUT_S = 10.0
 # --- HTTP over a unix socket -------------------------------------------------------------
 
 
+# The endpoints whose request needs a JSON body.
+ENDPOINTS_WITH_BODY = [
+    "/VolumeDriver.Create",
+    "/VolumeDriver.Get",
+    "/VolumeDriver.Remove",
+    "/VolumeDriver.Path",
+    "/VolumeDriver.Mount",
+    "/VolumeDriver.Unmount",
+]
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     """http.client over AF_UNIX: the host name is only used for the Host header."""
 

@@ -17,6 +17,7 @@ import pytest
 
 from .conftest import (
     CONTENT_TYPE,
+    ENDPOINTS_WITH_BODY,
     PluginClient,
     Reply,
     Workspace,
@@ -25,15 +26,6 @@ from .conftest import (
     parse_responses,
     raw_exchange,
 )
-
-ENDPOINTS_WITH_BODY = [
-    "/VolumeDriver.Create",
-    "/VolumeDriver.Get",
-    "/VolumeDriver.Remove",
-    "/VolumeDriver.Path",
-    "/VolumeDriver.Mount",
-    "/VolumeDriver.Unmount",
-]
 
 
 @pytest.fixture(scope="module")
