@@ -24,8 +24,14 @@ def test_doctor_releases_a_leaked_mount_and_spares_a_volume_in_use(dot):
 
     dot.plugin.stop()
     dot.plugin.start()
-    assert wait_until(lambda: "doctor --fix" in dot.plugin.log(), 10), dot.plugin.log()
-    assert stuck in dot.plugin.log()
+    # The start-up check names the stuck volume in a warning that points at the fix.
+    warned = f"volume {stuck}: "
+    assert wait_until(
+        lambda: any(
+            warned in line and "doctor --fix" in line for line in dot.plugin.log().splitlines()
+        ),
+        10,
+    ), dot.plugin.log()
 
     report = dot.cli("doctor", "--name", dot.driver, check=False)
     assert report.returncode == 1

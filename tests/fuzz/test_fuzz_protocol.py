@@ -114,9 +114,10 @@ def assert_anticipated(fuzz: FuzzTarget, endpoint: str, body: bytes) -> None:
     with open(fuzz.daemon.log_path, "rb") as log:
         log.seek(log_size)
         new_log = log.read().decode(errors="replace")
-    for reply in exchange.replies:
-        check_reply(reply)
-        assert b"unexpected failure" not in reply.body, f"{endpoint} {body[:300]!r} -> {reply}"
+    assert len(exchange.replies) == 1, f"{endpoint} {body[:300]!r} -> {exchange.replies}"
+    (reply,) = exchange.replies
+    check_reply(reply)
+    assert b"unexpected failure" not in reply.body, f"{endpoint} {body[:300]!r} -> {reply}"
     assert "failed unexpectedly" not in new_log and "Traceback" not in new_log, (
         f"{endpoint} {body[:300]!r}:\n{new_log[-3000:]}"
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
 import pytest
 
 from .conftest import CONTENT_TYPE, Daemon, PluginClient, Workspace
@@ -43,10 +46,14 @@ def test_success_reply_shapes_of_every_endpoint(ws: Workspace, client: PluginCli
     volumes = client.ok("/VolumeDriver.List")["Volumes"]
     assert isinstance(volumes, list) and len(volumes) == 1
     assert volumes[0]["Name"] == "v"
-    assert isinstance(volumes[0].get("CreatedAt", ""), str)
 
     volume = client.ok("/VolumeDriver.Get", {"Name": "v"})["Volume"]
     assert isinstance(volume, dict) and volume["Name"] == "v"
+    # B5: CreatedAt is the RFC 3339 time stored at Create, in both replies.
+    stored = json.loads(ws.volume("v").metadata.read_text())["CreatedAt"]
+    assert volumes[0]["CreatedAt"] == volume["CreatedAt"] == stored
+    created = datetime.fromisoformat(stored.replace("Z", "+00:00"))
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 60, stored
 
     assert client.ok("/VolumeDriver.Path", {"Name": "v"}) == {"Mountpoint": mountpoint}
     assert client.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c1"}) == {"Mountpoint": mountpoint}

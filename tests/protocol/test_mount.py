@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import (
+    Daemon,
     PluginClient,
     VolumePaths,
     Workspace,
@@ -101,7 +102,7 @@ def test_last_unmount_removes_mount_mountpoint_and_workdir(
 
 
 def test_unmount_of_an_unknown_id_does_not_unmount_under_a_user(
-    ws: Workspace, client: PluginClient
+    ws: Workspace, daemon: Daemon, client: PluginClient
 ) -> None:
     client.create("v", ws.base)
     volume = ws.volume("v")
@@ -109,6 +110,36 @@ def test_unmount_of_an_unknown_id_does_not_unmount_under_a_user(
     client.unmount("v", "stranger")  # treated as a use of its own (A3: warning)
     assert volume.records() == {"c1": {"UsageCount": 1}}
     assert_mounted(ws, volume)
+    assert "WARNING" in daemon.log() and "no record for mount ID stranger" in daemon.log()
+
+
+def test_the_base_may_change_while_the_volume_is_not_mounted(
+    ws: Workspace, client: PluginClient
+) -> None:
+    """B7: with the overlay features that pin a lower layer switched off, changes made to
+    the base between two mounts show at the next one, beside the volume's own changes.
+    (Not for paths the volume changed: see the README's limitations.)"""
+    (ws.base / "dir").mkdir()
+    (ws.base / "dir" / "inner.txt").write_text("inner\n")
+    (ws.base / "kept.txt").write_text("base\n")
+    (ws.base / "gone.txt").write_text("base\n")
+    client.create("v", ws.base)
+    mountpoint = Path(client.mount("v", "c1"))
+    (mountpoint / "kept.txt").write_text("changed\n")
+    (mountpoint / "own.txt").write_text("own\n")
+    assert (mountpoint / "dir" / "inner.txt").read_text() == "inner\n"
+    client.unmount("v", "c1")
+
+    (ws.base / "dir").rename(ws.base / "moved")
+    (ws.base / "gone.txt").unlink()
+    (ws.base / "new.txt").write_text("new\n")
+    mountpoint = Path(client.mount("v", "c2"))
+    assert (mountpoint / "new.txt").read_text() == "new\n"
+    assert (mountpoint / "moved" / "inner.txt").read_text() == "inner\n"
+    assert not (mountpoint / "dir").exists() and not (mountpoint / "gone.txt").exists()
+    assert (mountpoint / "kept.txt").read_text() == "changed\n"
+    assert (mountpoint / "own.txt").read_text() == "own\n"
+    client.unmount("v", "c2")
 
 
 def test_writes_land_in_upper_and_base_is_untouched(ws: Workspace, client: PluginClient) -> None:
@@ -283,6 +314,20 @@ def test_mount_and_unmount_wait_for_the_activemounts_lock(
     thread.join(5)
     assert replies == [f"{volume.mountpoint}/"]
     assert volume.records() == {"c1": {"UsageCount": 1}}
+
+    # A3: Unmount waits under the same lock.
+    unmounted: list[bool] = []
+    with flock_held(volume.activemounts):
+        thread = threading.Thread(
+            target=lambda: unmounted.append(client.unmount("v", "c1") is None)
+        )
+        thread.start()
+        time.sleep(0.5)
+        assert unmounted == [] and volume.records() == {"c1": {"UsageCount": 1}}
+        assert_mounted(ws, volume)
+    thread.join(5)
+    assert unmounted == [True]
+    assert_unmounted(volume)
 
 
 def test_records_are_json_usage_counts(ws: Workspace, client: PluginClient) -> None:
