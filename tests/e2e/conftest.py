@@ -235,6 +235,18 @@ def unmount_all_under(path):
     return mounts_under(path)
 
 
+def release_workdir(plugin, workdir):
+    """Stop the plugin, unmount and delete its folder; notes for what could not be."""
+    plugin.stop()
+    notes = []
+    left = unmount_all_under(workdir)
+    if left:
+        notes.append(f"could not unmount {[m['mountpoint'] for m in left]}")
+    sh(["chattr", "-R", "-i", workdir], check=False, timeout=60)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return notes
+
+
 def is_static_elf(path):
     """True when path is an ELF executable without a program interpreter."""
     try:
@@ -1038,12 +1050,7 @@ def dot(request, dockerd, image, e2e_tmp, driver_name, plugin_class):
                     notes.append(f"could not restart the plugin for the clean-up: {e}")
             notes += h.cleanup()
         finally:
-            plugin.stop()
-            left = unmount_all_under(workdir)
-            if left:
-                notes.append(f"could not unmount {[m['mountpoint'] for m in left]}")
-            sh(["chattr", "-R", "-i", workdir], check=False, timeout=60)
-            shutil.rmtree(workdir, ignore_errors=True)
+            notes += release_workdir(plugin, workdir)
         failed = any(
             getattr(getattr(request.node, "dot_rep_" + w, None), "failed", False)
             for w in ("setup", "call")

@@ -30,6 +30,7 @@ from .conftest import (
     apt_install,
     describe,
     log_dir,
+    release_workdir,
     require_root,
     sh,
     unmount_all_under,
@@ -172,11 +173,7 @@ def pm(request, podman, e2e_tmp, driver_name):
         try:
             notes += h.cleanup()
         finally:
-            plugin.stop()
-            left = unmount_all_under(workdir)
-            if left:
-                notes.append(f"could not unmount {[m['mountpoint'] for m in left]}")
-            shutil.rmtree(workdir, ignore_errors=True)
+            notes += release_workdir(plugin, workdir)
         failed = getattr(getattr(request.node, "dot_rep_call", None), "failed", False)
         if failed or notes or plugin.problems:
             sys.stderr.write(f"\n===== plugin log ({plugin.log_path}) =====\n{plugin.log()}\n")
