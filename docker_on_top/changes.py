@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, Union
 
 from . import kernel
 
@@ -76,7 +76,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _BASE_LISTING_BYTES_PER_UPPER_ENTRY = 200
 
 
-@dataclass(slots=True)
+@dataclass
 class Change:
     """One line of `docker diff`: kind "A" (added), "C" (changed) or "D" (deleted)."""
 
@@ -443,7 +443,7 @@ def reset(upper: Path) -> None:
     _empty(upper)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class _Entry:
     relative: str
     stat: os.stat_result
@@ -501,7 +501,7 @@ def _is_real_directory(path: Path) -> bool:
 
 # A path, whose symlink is never followed, or the descriptor of an open file (with which
 # the xattr calls refuse follow_symlinks=False: a descriptor has no symlink to follow).
-_Target = int | str | bytes | Path
+_Target = Union[int, str, bytes, Path]
 
 
 def _getxattr(target: _Target, name: str) -> bytes | None:

@@ -258,9 +258,7 @@ def _print_table(volumes: Sequence[VolumeDetails]) -> None:
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
-        print(
-            "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]
-        )
+        print("   ".join(cell.ljust(width) for cell, width in zip(row, widths)), row[-1])
 
 
 def _terminal_progress(verb: str) -> Progress | None:

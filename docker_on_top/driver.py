@@ -662,7 +662,7 @@ class Driver:
         try:
             metadata, created_at = self._metadata_cache.read(volume)
         except (OSError, ValueError) as error:
-            if isinstance(error, FileNotFoundError | NotADirectoryError) and not volume.exists():
+            if isinstance(error, (FileNotFoundError, NotADirectoryError)) and not volume.exists():
                 return None
             log.warning("volume %s: cannot read its metadata: %s", volume.name, error)
             return "", {}

@@ -1,5 +1,7 @@
 """The two kinds of failure a caller can get back."""
 
+from __future__ import annotations
+
 
 class PluginError(Exception):
     """Any failure that is reported to the caller as `{"Err": str(error)}`."""

@@ -24,7 +24,7 @@ import re
 import shutil
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
@@ -38,7 +38,7 @@ NAME_MAX_BYTES = 255  # NAME_MAX: a volume name and a mount ID each become one f
 REMOVED_PREFIX = ".removed."
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Metadata:
     base_dir: str
     volatile: bool
@@ -126,7 +126,9 @@ def fsync_directory(directory: str | Path) -> None:
 
 def rfc3339(timestamp: float) -> str:
     return (
-        datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        datetime.fromtimestamp(timestamp, timezone.utc)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z")
     )
 
 
