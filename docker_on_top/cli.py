@@ -213,7 +213,11 @@ def serve(settings: Settings) -> int:
 
 
 def _start_up_checks(driver: Driver, settings: Settings) -> None:
-    _report_stuck_volumes(driver, settings.name)
+    try:
+        _report_stuck_volumes(driver, settings.name)
+    except Exception:
+        # The registration below matters more than the report (Swarm needs it).
+        log.exception("the start-up check of the volumes failed")
     # Only a socket where dockerd discovers legacy plugins can be registered; a managed
     # plugin (host root set) is registered by dockerd itself when it is enabled.
     if settings.host_root is None and settings.socket.parent == docker_api.PLUGIN_DIR:
@@ -312,9 +316,14 @@ def _commit(driver: Driver, arguments: argparse.Namespace) -> int:
     return 0
 
 
+# A command waits longer than a request for a volume's lock: nobody gives up on it, and
+# what holds the lock is most often a request of a few milliseconds.
+COMMAND_LOCK_TIMEOUT_S = 30.0
+
+
 def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
     setup_logging("warning")
-    driver = Driver(settings.root, settings.host_root)
+    driver = Driver(settings.root, settings.host_root, lock_timeout=COMMAND_LOCK_TIMEOUT_S)
     if not settings.root.is_dir():
         print(f"docker-on-top: no state root at {settings.root}", file=sys.stderr)
         return 1

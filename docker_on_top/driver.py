@@ -11,16 +11,17 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from . import changes, kernel
-from .errors import InternalError, PluginError, UserError
+from .errors import BusyError, InternalError, PluginError, UserError
 from .volume import (
     NAME_MAX_BYTES,
     NAME_PATTERN,
@@ -45,6 +46,10 @@ MOUNT_ID_PATTERN = NAME_PATTERN
 # Podman sends this one mount ID for all its containers (libpod's pseudoCtrID) and
 # counts its users itself.
 PODMAN_MOUNT_ID = "2f73349cfc4630255319c6c8dfc1b46a8996ace9d14d8e07563b165915918ec2"
+_HELD_ON_HOST = (
+    "something on the host (not a container) holds files open under its mountpoint "
+    "(`fuser -vm MOUNTPOINT` names it)"
+)
 # Removing a volume detaches mounts stacked on its mountpoint by earlier failures; a
 # bound keeps a mountpoint that refuses to become free from looping forever.
 _MAX_STACKED_MOUNTS = 16
@@ -101,18 +106,32 @@ class RecoveryReport:
     half_made: list[str]
 
 
+# How long a request waits for a volume's lock: below Podman's 5 s for a whole call, so
+# that a Mount refused as busy is refused before its client gives up on it.
+REQUEST_LOCK_TIMEOUT_S = 4.0
+
+
 class Driver:
-    def __init__(self, root: Path, host_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        host_root: Path | None = None,
+        *,
+        lock_timeout: float = REQUEST_LOCK_TIMEOUT_S,
+    ) -> None:
         self.root = root
+        self.lock_timeout = lock_timeout
         # Set when the daemon runs in a container (a managed plugin) with the host's root
         # mounted there: bases are the host's paths, kept as the user gave them in
         # metadata.json and looked up under `host_root`.
         self.host_root = host_root
         # Releases (Unmounts) whose record could not be updated, by volume name: they
         # are retried under the volume's lock before its next Mount or Unmount. Only
-        # the thread holding that volume's lock touches its entry. Also kept on disk
+        # the thread holding that volume's lock applies or drops its entry; an Unmount that
+        # could not take the lock adds to it, under the guard. Also kept on disk
         # (unreleased.json) so that a restart does not forget them.
         self._unreleased: dict[str, Counter[str]] = {}
+        self._unreleased_guard = threading.Lock()
         self._metadata_cache = MetadataCache()
 
     # --- start-up -----------------------------------------------------------------
@@ -251,14 +270,13 @@ class Driver:
 
     def remove(self, name: str) -> None:
         volume = self._volume(name)
-        self._unreleased.pop(name, None)
         self._metadata_cache.forget(name)
         if not volume.exists():
             return
         try:
             # A folder left by a cut-short create may have no activemounts/ to lock.
             has_records = volume.records.exists()
-            with volume.records.lock() if has_records else nullcontext():
+            with self._locked(volume) if has_records else nullcontext():
                 if has_records and volume.records.in_use():
                     # Records go before the overlay, as at every unmount.
                     log.warning(
@@ -269,8 +287,12 @@ class Driver:
                     volume.records.clear()
                 self._detach_everything(volume)
                 volume.destroy()
+                # Only once it is gone: a Remove that fails keeps the releases to apply.
+                self._take_unreleased(volume)
+        except UserError:
+            return  # removed meanwhile by another request or process
         except FileNotFoundError:
-            return  # removed meanwhile by another process
+            return
         except OSError as error:
             raise InternalError("failed to remove the volume's folder", error) from error
         log.info("removed volume %s", name)
@@ -278,21 +300,35 @@ class Driver:
     def mount(self, name: str, mount_id: str) -> str:
         volume = self._volume(name)
         _check_mount_id(mount_id)
-        metadata = self._metadata(volume)
         with self._locked(volume):
+            # Read under the lock: the volume may have been removed and made again, with
+            # another base, while this request waited.
+            metadata = self._metadata(volume)
             self._retry_unreleased(volume)
-            mounted_here = False
             try:
                 first_user = not volume.records.in_use()
             except OSError as error:
                 raise InternalError("failed to read the volume's usage records", error) from error
-            if first_user or not kernel.is_mount_point(volume.mountpoint):
-                if not first_user:
+            mounted_here = False
+            if first_user:
+                if self._free_mountpoint(volume):
+                    self._mount_overlay(volume, metadata, discard_changes=True)
+                    mounted_here = True
+                elif metadata.volatile:
+                    raise UserError(
+                        f"volume {name}: {_HELD_ON_HOST}, so it cannot discard its changes "
+                        "(it is volatile); close them first"
+                    )
+                else:
                     log.warning(
-                        "volume %s has usage records but no overlay mounted; mounting it again",
+                        "volume %s: reusing its overlay, which something on the host holds",
                         name,
                     )
-                self._mount_overlay(volume, metadata, discard_changes=first_user)
+            elif not kernel.is_mount_point(volume.mountpoint):
+                log.warning(
+                    "volume %s has usage records but no overlay mounted; mounting it again", name
+                )
+                self._mount_overlay(volume, metadata, discard_changes=False)
                 mounted_here = True
             try:
                 count = 0 if first_user else self._usage_count(volume, mount_id) or 0
@@ -319,7 +355,8 @@ class Driver:
                     self._retry_unreleased(volume)
                     now_unused = self._release(volume, mount_id)
                 except (OSError, PluginError) as error:
-                    self._keep_unreleased(volume, mount_id, persist=True)
+                    self._keep_unreleased(volume, mount_id)
+                    self._save_unreleased(volume)
                     if isinstance(error, PluginError):
                         raise
                     raise InternalError(
@@ -327,21 +364,22 @@ class Driver:
                     ) from error
                 if now_unused:
                     self._unmount_overlay(volume)
-        except InternalError:
+        except (BusyError, InternalError):
             if not locked:
                 # Not even the lock could be taken: keep the release for the next request.
-                self._keep_unreleased(volume, mount_id, persist=False)
+                self._keep_unreleased(volume, mount_id)
             raise
         log.debug("unmounted volume %s for %s", name, mount_id)
 
-    def _keep_unreleased(self, volume: Volume, mount_id: str, *, persist: bool) -> None:
+    def _keep_unreleased(self, volume: Volume, mount_id: str) -> None:
         """Remember a release that could not be applied, to retry it under the lock
-        before the volume's next Mount or Unmount; also on disk when `persist` (which
-        needs the lock)."""
-        pending = self._unreleased.setdefault(volume.name, Counter())
-        pending[mount_id] += 1
-        if persist:
-            self._save_unreleased(volume, pending)
+        before the volume's next Mount or Unmount (see _retry_unreleased)."""
+        with self._unreleased_guard:
+            self._unreleased.setdefault(volume.name, Counter())[mount_id] += 1
+
+    def _take_unreleased(self, volume: Volume) -> Counter[str]:
+        with self._unreleased_guard:
+            return self._unreleased.pop(volume.name, Counter())
 
     def _release(self, volume: Volume, mount_id: str) -> bool:
         """Count one use of `mount_id` less; True when the volume has no user left."""
@@ -362,12 +400,13 @@ class Driver:
         return not volume.records.in_use()
 
     def _retry_unreleased(self, volume: Volume) -> None:
-        """Apply releases that failed earlier (for example on an immutable record).
+        """Under the volume's lock: apply releases that failed earlier (for example on
+        an immutable record, or an Unmount that could not take the lock).
 
         Until they are applied the records claim users that are gone: mounting then
         would hand out a volume a volatile volume never discarded, so it is refused.
         """
-        pending = self._unreleased.get(volume.name)
+        pending = self._take_unreleased(volume)
         if not pending:
             return
         for mount_id in list(pending):
@@ -375,7 +414,9 @@ class Driver:
                 try:
                     self._release(volume, mount_id)
                 except OSError as error:
-                    self._save_unreleased(volume, pending)
+                    with self._unreleased_guard:
+                        self._unreleased.setdefault(volume.name, Counter()).update(pending)
+                    self._save_unreleased(volume)
                     raise InternalError(
                         f"the usage record of mount ID {mount_id} could not be released when "
                         "its container stopped and still cannot be",
@@ -383,13 +424,14 @@ class Driver:
                     ) from error
                 pending[mount_id] -= 1
             del pending[mount_id]
-        del self._unreleased[volume.name]
-        self._save_unreleased(volume, pending)
+        self._save_unreleased(volume)
 
-    @staticmethod
-    def _save_unreleased(volume: Volume, pending: Counter[str]) -> None:
+    def _save_unreleased(self, volume: Volume) -> None:
+        """Under the volume's lock: write its releases still to apply to unreleased.json."""
+        with self._unreleased_guard:
+            pending = {i: n for i, n in self._unreleased.get(volume.name, {}).items() if n > 0}
         try:
-            volume.write_unreleased({i: n for i, n in pending.items() if n > 0})
+            volume.write_unreleased(pending)
         except OSError as error:
             log.error("volume %s: cannot save the releases still to apply: %s", volume.name, error)
 
@@ -405,7 +447,8 @@ class Driver:
                 volume.name,
                 sum(pending.values()),
             )
-            self._unreleased[volume.name] = Counter(pending)
+            with self._unreleased_guard:
+                self._unreleased[volume.name] = Counter(pending)
 
     # --- the volume's changes (command line) -------------------------------------------
 
@@ -447,7 +490,7 @@ class Driver:
 
     def reset(self, name: str) -> None:
         volume = self._volume(name)
-        with self._unused(volume):
+        with self._unused(volume, "a reset"):
             try:
                 volume.discard_changes()
             except OSError as error:
@@ -457,8 +500,7 @@ class Driver:
     def commit_into(self, name: str, target: Path, progress: Progress | None = None) -> None:
         """Write the volume's merged content (base and changes) into the new folder `target`."""
         volume = self._volume(name)
-        metadata = self._metadata(volume)
-        with self._unused(volume):
+        with self._unused(volume, "a commit") as metadata:
             try:
                 changes.merge_into(
                     volume.upper, self._on_host(metadata.base_dir), target, progress=progress
@@ -472,14 +514,27 @@ class Driver:
         log.info("volume %s: merged content written to %s", name, target)
 
     def commit_into_base(self, name: str, progress: Progress | None = None) -> None:
-        """Apply the changes onto the base itself, then start the volume afresh from it."""
+        """Apply the changes onto the base itself, then start the volume afresh from it.
+
+        The base changes under every volume over it, around it or inside it: none of them
+        may be in use, and all of them stay locked until it is done.
+        """
         volume = self._volume(name)
-        metadata = self._metadata(volume)
-        with self._unused(volume):
+        with ExitStack() as held:
+            metadata = held.enter_context(self._unused(volume, "a commit --into-base"))
+            base = self._on_host(metadata.base_dir)
+            for other in self._volumes_sharing(base, besides=name):
+                try:
+                    held.enter_context(
+                        self._unused(other, f"a commit --into-base of volume {name}")
+                    )
+                except UserError as error:
+                    raise UserError(
+                        f"the base {metadata.base_dir} is shared with volume {other.name}, "
+                        f"which must not change under it: {error}"
+                    ) from None
             try:
-                changes.apply_to_base(
-                    volume.upper, self._on_host(metadata.base_dir), progress=progress
-                )
+                changes.apply_to_base(volume.upper, base, progress=progress)
                 volume.discard_changes()
             except OSError as error:
                 raise InternalError(
@@ -488,6 +543,21 @@ class Driver:
                     error,
                 ) from error
         log.info("volume %s: changes applied onto %s", name, metadata.base_dir)
+
+    def _volumes_sharing(self, base: Path, *, besides: str) -> list[Volume]:
+        """The other volumes whose base is `base`, inside it or around it."""
+        real = Path(os.path.realpath(base))
+        sharing = []
+        for other in self._volumes():
+            if other.name == besides:
+                continue
+            try:
+                theirs = Path(os.path.realpath(self._on_host(self._metadata(other).base_dir)))
+            except PluginError:
+                continue  # no metadata: it mounts nothing
+            if theirs == real or real in theirs.parents or theirs in real.parents:
+                sharing.append(other)
+        return sharing
 
     # --- stuck volumes ------------------------------------------------------------------
 
@@ -525,16 +595,23 @@ class Driver:
     ) -> list[Finding]:
         ids = volume.records.ids()
         mounted = kernel.is_mount_point(volume.mountpoint)
-        pending = volume.read_unreleased()
-        if pending:
-            self._unreleased[volume.name] = Counter(pending)
-        if not ids:
-            if not mounted:
-                return []
-            if fix:
-                self._unmount_overlay(volume)
-            return [Finding(volume.name, "an overlay is mounted but no record uses it", fix)]
         findings = []
+        try:
+            pending = volume.read_unreleased()
+        except ValueError as error:
+            pending = {}
+            findings.append(Finding(volume.name, f"damaged state file, ignored: {error}"))
+        if pending:
+            with self._unreleased_guard:
+                self._unreleased[volume.name] = Counter(pending)
+        if not ids:
+            if mounted:
+                problem = "an overlay is mounted but no record uses it"
+                if fix and not self._unmount_overlay(volume):
+                    findings.append(Finding(volume.name, f"{problem}; {_HELD_ON_HOST}"))
+                else:
+                    findings.append(Finding(volume.name, problem, fix))
+            return findings
         if not mounted:
             findings.append(
                 Finding(volume.name, f"{len(ids)} usage record(s) but no overlay is mounted")
@@ -546,9 +623,10 @@ class Driver:
             if fix:
                 for mount_id in docker_ids:
                     volume.records.remove(mount_id)
-                    self._unreleased.get(volume.name, Counter()).pop(mount_id, None)
                     pending.pop(mount_id, None)
-                volume.write_unreleased(pending)
+                with self._unreleased_guard:
+                    self._unreleased[volume.name] = Counter(pending)
+                self._save_unreleased(volume)
                 if not volume.records.in_use():
                     self._unmount_overlay(volume)
             findings.append(
@@ -574,9 +652,11 @@ class Driver:
         return findings
 
     @contextmanager
-    def _unused(self, volume: Volume) -> Iterator[None]:
-        """Hold the volume's lock while nobody uses it; refuse when somebody does."""
-        with self._locked(volume):
+    def _unused(self, volume: Volume, doing: str) -> Iterator[Metadata]:
+        """Hold the volume's lock while nobody uses it, for `doing` (see _locked); refuse
+        when somebody does. Gives the volume's metadata, read under the lock."""
+        with self._locked(volume, doing):
+            metadata = self._metadata(volume)
             self._retry_unreleased(volume)
             try:
                 users = volume.records.ids()
@@ -587,11 +667,10 @@ class Driver:
                     f"volume {volume.name} is in use ({len(users)} mount(s)); "
                     "stop the containers that use it first"
                 )
-            try:
-                self._detach_everything(volume)
-            except OSError as error:
-                raise InternalError("failed to detach a stray overlay", error) from error
-            yield
+            # Its changes are about to change: no overlay of them may stay.
+            if not self._free_mountpoint(volume):
+                raise UserError(f"volume {volume.name}: {_HELD_ON_HOST}; close them first")
+            yield metadata
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -683,20 +762,36 @@ class Driver:
             raise InternalError("failed to read the volume's metadata", error) from error
 
     @contextmanager
-    def _locked(self, volume: Volume) -> Iterator[None]:
-        # Each lock opens its own descriptor, so the flock serialises this process's
-        # threads as well as other processes.
-        lock = volume.records.lock()
+    def _locked(self, volume: Volume, doing: str | None = None) -> Iterator[None]:
+        """Hold the volume's lock, waiting at most `lock_timeout` for it.
+
+        A waiter that gives up says what holds the volume: whoever holds it for long
+        work (`doing`, e.g. "a commit") says so in the volume's busy note.
+        """
+        lock = volume.records.lock(time.monotonic() + self.lock_timeout)
         try:
             lock.__enter__()
         except FileNotFoundError:
             raise UserError(NO_SUCH_VOLUME) from None
+        except kernel.LockTimeout:
+            holder = volume.what_holds_it() or "another request on it (a mount or an unmount)"
+            raise BusyError(
+                f"volume {volume.name} is busy: {holder} has held it for over "
+                f"{self.lock_timeout:g} s; try again when it is done"
+            ) from None
         except OSError as error:
             raise InternalError("failed to lock the volume's activemounts/", error) from error
         try:
+            if doing is not None:
+                try:
+                    volume.note_busy(doing)
+                except OSError as error:
+                    log.warning("volume %s: cannot write its busy note: %s", volume.name, error)
             yield
         finally:
-            lock.__exit__()
+            if doing is not None:
+                volume.clear_busy_note()
+            lock.__exit__(None, None, None)
 
     @staticmethod
     def _usage_count(volume: Volume, mount_id: str) -> int | None:
@@ -749,15 +844,24 @@ class Driver:
             return Path(base)
         return kernel.resolve_in_root(self.host_root, base)
 
-    def _mount_overlay(self, volume: Volume, metadata: Metadata, *, discard_changes: bool) -> None:
-        if kernel.is_mount_point(volume.mountpoint):
-            log.warning(
-                "volume %s: a stray overlay with no user is mounted; detaching it", volume.name
-            )
+    @staticmethod
+    def _free_mountpoint(volume: Volume) -> bool:
+        """Unmount stray overlays with no user (left busy by the last Unmount, or by a
+        crash). False when something on the host still holds one: it then stays, since
+        two overlays must never share one upper (the kernel calls that undefined)."""
+        for _ in range(_MAX_STACKED_MOUNTS):
+            if not kernel.is_mount_point(volume.mountpoint):
+                return True
             try:
-                kernel.unmount(volume.mountpoint, flags=kernel.MNT_DETACH)
+                kernel.unmount(volume.mountpoint)
             except OSError as error:
-                raise InternalError("failed to detach a stray overlay", error) from error
+                if error.errno == errno.EBUSY:
+                    return False
+                raise InternalError("failed to unmount a stray overlay", error) from error
+            log.warning("volume %s: unmounted a stray overlay that had no user", volume.name)
+        raise InternalError("failed to free the mountpoint", "it stays mounted")
+
+    def _mount_overlay(self, volume: Volume, metadata: Metadata, *, discard_changes: bool) -> None:
         try:
             created = volume.make_mount_folders()
         except OSError as error:
@@ -782,29 +886,30 @@ class Driver:
                 ) from error
             raise InternalError("failed to mount overlay", error) from error
 
-    def _unmount_overlay(self, volume: Volume) -> None:
+    def _unmount_overlay(self, volume: Volume) -> bool:
+        """Unmount the overlay of a volume nobody uses any more and remove its folders.
+
+        False when something on the host holds it: it then stays mounted, with its
+        workdir, as a stray mount that the next Mount reuses (see _free_mountpoint).
+        """
         try:
             kernel.unmount(volume.mountpoint)
         except OSError as error:
-            if error.errno in (errno.EINVAL, errno.ENOENT):
-                log.warning("volume %s: its overlay was not mounted at unmount", volume.name)
-            elif error.errno != errno.EBUSY:
-                raise InternalError("failed to unmount the overlay", error) from error
-            else:
-                # Something outside the containers holds a file open on it. No user is
-                # left, so detach it: the next mount must not find it in the way.
+            if error.errno == errno.EBUSY:
                 log.warning(
-                    "volume %s is busy outside any container; detaching its overlay lazily",
+                    "volume %s: %s; its overlay stays mounted until then",
                     volume.name,
+                    _HELD_ON_HOST,
                 )
-                try:
-                    kernel.unmount(volume.mountpoint, flags=kernel.MNT_DETACH)
-                except OSError as detach_error:
-                    raise InternalError("failed to unmount the overlay", detach_error) from error
+                return False
+            if error.errno not in (errno.EINVAL, errno.ENOENT):
+                raise InternalError("failed to unmount the overlay", error) from error
+            log.warning("volume %s: its overlay was not mounted at unmount", volume.name)
         try:
             volume.remove_mount_folders()
         except OSError as error:
             raise InternalError("failed to clean up after unmount", error) from error
+        return True
 
     @staticmethod
     def _detach_everything(volume: Volume) -> None:

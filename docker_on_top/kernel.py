@@ -1,5 +1,5 @@
-"""The kernel interface: overlay mount and unmount through the syscalls, flock, and
-path resolution inside another root directory.
+"""The kernel interface: overlay mount and unmount through the syscalls, flock with a
+deadline, rename without replacing, and path resolution inside another root directory.
 
 Nothing here knows about volumes; callers pass plain paths.
 """
@@ -9,8 +9,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import re
+import stat
+import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -22,13 +27,6 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.renameat2.argtypes = [
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_uint,
-]
 
 MS_RDONLY = 1
 _AT_FDCWD = -100
@@ -100,14 +98,51 @@ def _mount(fs_type: str, source: str, target: Path, flags: int, options: str) ->
 
 
 def rename_noreplace(source: Path, target: Path) -> None:
-    """rename(2) that fails with EEXIST instead of replacing an empty directory."""
-    if (
-        _libc.renameat2(
-            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
-        )
-        != 0
-    ):
-        _raise_errno("renameat2", target)
+    """rename(2) that fails with EEXIST instead of replacing anything at `target`.
+
+    renameat2 is looked up at the first call, not at import: an older libc lacks it.
+    Where it is missing, or the filesystem answers EINVAL to RENAME_NOREPLACE, the name
+    is claimed first (mkdir for a directory, link for anything else), which is as safe:
+    rename(2) replaces a directory only while it is empty, and an unlink of `source`
+    after link(2) leaves the one inode under `target`.
+    """
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if (
+            renameat2(
+                _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+            )
+            == 0
+        ):
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(code, f"renameat2: {os.strerror(code)}", str(target))
+    if stat.S_ISDIR(os.lstat(source).st_mode):
+        os.mkdir(target, 0o700)
+        try:
+            os.rename(source, target)
+        except OSError:
+            with suppress(OSError):
+                os.rmdir(target)
+            raise
+    else:
+        os.link(source, target, follow_symlinks=False)
+        os.unlink(source)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable[..., int] | None:
+    function = getattr(_libc, "renameat2", None)
+    if function is not None:
+        function.argtypes = [
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_uint,
+        ]
+    return function
 
 
 def unmount(target: Path, *, flags: int = 0) -> None:
@@ -175,26 +210,65 @@ def is_mount_point(path: Path) -> bool:
     return own != os.stat(path.parent).st_dev
 
 
+class LockTimeout(Exception):
+    """A lock could not be taken before its deadline."""
+
+
+# How long a waiter sleeps between tries of a flock another process holds: short at first
+# (most holders are requests of a millisecond), longer while the holder stays.
+_FIRST_RETRY_S = 0.0005
+_LONGEST_RETRY_S = 0.02
+
+
 class DirectoryLock:
     """An exclusive flock on a directory, held inside a `with` block.
 
     flock locks belong to the open file description, so this serialises threads of
     this process as well as other processes (the Go plugin, our command line).
-    Entering raises OSError when the directory cannot be opened.
+
+    `deadline` (time.monotonic) bounds the wait: LockTimeout when it passes. Once
+    locked, the directory opened must still be the one the path names: a folder
+    removed and made again while we waited is another one, so the lock is taken again
+    on the new folder. Entering raises FileNotFoundError when the path names nothing,
+    OSError when it cannot be opened.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, deadline: float | None = None) -> None:
         self.directory = directory
+        self.deadline = deadline
         self._fd = -1
 
     def __enter__(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
+        while True:
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._flock(fd)
+                locked = os.fstat(fd)
+                named = os.stat(self.directory)
+            except BaseException:
+                os.close(fd)
+                raise
+            if (locked.st_dev, locked.st_ino) == (named.st_dev, named.st_ino):
+                self._fd = fd
+                return
             os.close(fd)
-            raise
-        self._fd = fd
+
+    def _flock(self, fd: int) -> None:
+        if self.deadline is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return
+        pause = _FIRST_RETRY_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeout(f"{self.directory} stays locked by another holder")
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _LONGEST_RETRY_S)
 
     def __exit__(self, *exc_info: object) -> None:
         os.close(self._fd)

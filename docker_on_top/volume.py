@@ -7,6 +7,8 @@ Layout (shared with docker-on-top v0.1.2, so either plugin can run on the same r
     <root>/<name>/upper/            the overlay upperdir: the volume's changes
     <root>/<name>/workdir/          the overlay workdir, only while mounted
     <root>/<name>/mountpoint/       where the overlay is mounted, only while mounted
+    <root>/<name>/busy.json         what holds the lock for long work (ours only), while it does
+    <root>/<name>/unreleased.json   releases still to apply (ours only), when some failed
 
 The invariant everything else follows: a record in `activemounts/` guarantees a user
 and a mounted overlay; a mounted overlay on its own guarantees nothing. So a record is
@@ -22,7 +24,11 @@ import logging
 import os
 import re
 import shutil
-from contextlib import suppress
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -132,6 +138,19 @@ def rfc3339(timestamp: float) -> str:
     )
 
 
+_PROCESS_LOCKS: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(folder: str) -> threading.Lock:
+    """This process's lock for `folder`, alive while some thread holds or awaits it."""
+    with _PROCESS_LOCKS_GUARD:
+        found = _PROCESS_LOCKS.get(folder)
+        if found is None:
+            found = _PROCESS_LOCKS[folder] = threading.Lock()
+        return found
+
+
 class UsageRecords:
     """The `activemounts/` folder: which mount IDs use the volume, and how often.
 
@@ -143,8 +162,24 @@ class UsageRecords:
         self.folder = folder
         self._staging = staging
 
-    def lock(self) -> kernel.DirectoryLock:
-        return kernel.DirectoryLock(self.folder)
+    @contextmanager
+    def lock(self, deadline: float | None = None) -> Iterator[None]:
+        """Hold the volume's lock: the flock on `activemounts/` (shared with the Go plugin
+        and our command line), taken after a lock of this process for the same folder,
+        so that this process's waiters sleep until woken rather than poll the flock.
+
+        `deadline` (time.monotonic) bounds the wait; kernel.LockTimeout when it passes.
+        FileNotFoundError when the folder is gone (the volume was removed meanwhile).
+        """
+        waiters = _process_lock(self.folder)
+        timeout = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not waiters.acquire(timeout=timeout):
+            raise kernel.LockTimeout(f"{self.folder} stays locked by another request")
+        try:
+            with kernel.DirectoryLock(self.folder, deadline):
+                yield
+        finally:
+            waiters.release()
 
     def exists(self) -> bool:
         return os.path.isdir(self.folder)
@@ -258,6 +293,35 @@ class Volume:
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
+
+    @cached_property
+    def busy_note(self) -> Path:
+        return Path(f"{self.location}/busy.json")
+
+    def note_busy(self, what: str) -> None:
+        """Say, while holding the lock for long work, what holds it, for waiters that
+        give up to tell their users."""
+        note = {"What": what, "Pid": os.getpid(), "Since": rfc3339(time.time())}
+        write_atomically(
+            self.busy_note,
+            json.dumps(note).encode(),
+            f"{self.location}/.busy.json.tmp",
+            durable=False,
+        )
+
+    def clear_busy_note(self) -> None:
+        with suppress(FileNotFoundError):
+            self.busy_note.unlink()
+
+    def what_holds_it(self) -> str | None:
+        """What the busy note says holds the lock, if its writer still runs."""
+        try:
+            note = json.loads(self.busy_note.read_bytes())
+            what, pid, since = note["What"], note["Pid"], note["Since"]
+            os.kill(pid, 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return f"{what} (pid {pid}, since {since})"
 
     def read_unreleased(self) -> dict[str, int]:
         """Releases that failed earlier, by mount ID (see Driver.unmount); {} when none."""

@@ -274,21 +274,43 @@ def test_mount_after_a_stray_mount_replaces_it(ws: Workspace, client: PluginClie
     assert_unmounted(volume)
 
 
-def test_last_unmount_with_the_mountpoint_busy_still_frees_the_volume(
+def test_last_unmount_with_the_mountpoint_busy_keeps_one_overlay_for_the_next_user(
     ws: Workspace, client: PluginClient
 ) -> None:
-    """A6: a file held open on the mountpoint while the container stops."""
+    """A6: a file held open on the mountpoint while the container stops. Issue 13.5: the
+    busy overlay stays and is reused, so no second overlay ever shares its upper."""
     client.create("v", ws.base)
+    volume = ws.volume("v")
+    mountpoint = Path(client.mount("v", "c1"))
+    (mountpoint / "added.txt").write_text("added\n")
+    with open(mountpoint / "kept.txt") as held:
+        client.unmount("v", "c1")
+        assert volume.records() == {}
+        assert [entry.fstype for entry in mounts_at(volume.mountpoint)] == ["overlay"]
+        mountpoint = Path(client.mount("v", "c2"))
+        assert_mounted(ws, volume)
+        assert (mountpoint / "added.txt").read_text() == "added\n"
+        assert held.read() == "base kept\n"
+    client.unmount("v", "c2")
+    assert_unmounted(volume)
+
+
+def test_a_volatile_volume_held_on_the_host_is_refused_until_released(
+    ws: Workspace, client: PluginClient
+) -> None:
+    client.create("v", ws.base, volatile="true")
     volume = ws.volume("v")
     mountpoint = Path(client.mount("v", "c1"))
     (mountpoint / "added.txt").write_text("added\n")
     with open(mountpoint / "kept.txt"):
         client.unmount("v", "c1")
-        assert mounts_at(volume.mountpoint) == []
+        error = client.err("/VolumeDriver.Mount", {"Name": "v", "ID": "c2"})
+        assert "holds files open" in error and "volatile" in error
         assert volume.records() == {}
-        mountpoint = Path(client.mount("v", "c2"))
-        assert_mounted(ws, volume)
-        assert (mountpoint / "added.txt").read_text() == "added\n"
+        assert [entry.fstype for entry in mounts_at(volume.mountpoint)] == ["overlay"]
+    mountpoint = Path(client.mount("v", "c2"))
+    assert_mounted(ws, volume, volatile=True)
+    assert not (mountpoint / "added.txt").exists()
     client.unmount("v", "c2")
     assert_unmounted(volume)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from docker_on_top.driver import Driver
-from docker_on_top.errors import InternalError, UserError
+from docker_on_top.errors import BusyError, InternalError, UserError
 
 from ..mounts import mounts_under
 
@@ -337,16 +337,60 @@ def test_a_release_that_failed_is_retried_before_the_next_mount(
     assert not mounted(folder)
 
 
-def test_unmount_of_a_busy_overlay_detaches_it(driver: Driver, base: Path) -> None:
+def overlays_on(folder: Path) -> list[str]:
+    return [fs for _, fs in mounts_under(folder / "mountpoint")]
+
+
+def test_a_busy_overlay_stays_mounted_and_is_reused_never_doubled(
+    driver: Driver, base: Path
+) -> None:
+    """Issue 13.5: two overlays on one upper are undefined; a busy one is kept instead."""
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("kept")
+    with open(folder / "mountpoint" / "b") as held:
+        driver.unmount("v", ID_A)
+        assert records(folder) == {}
+        assert overlays_on(folder) == ["overlay"]
+        assert (folder / "workdir").is_dir()
+        driver.mount("v", ID_B)
+        assert overlays_on(folder) == ["overlay"]
+        (folder / "mountpoint" / "d").write_text("new")
+        assert held.read() == "456"
+    assert (folder / "upper" / "d").read_text() == "new"
+    assert (folder / "mountpoint" / "c").read_text() == "kept"
+    driver.unmount("v", ID_B)
+    assert not mounted(folder)
+    assert not (folder / "workdir").exists()
+
+
+def test_a_volatile_volume_held_on_the_host_refuses_to_mount(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base, volatile=True)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("to be discarded")
+    with open(folder / "mountpoint" / "b"):
+        driver.unmount("v", ID_A)
+        with pytest.raises(UserError, match="holds files open"):
+            driver.mount("v", ID_B)
+        assert records(folder) == {}
+        assert overlays_on(folder) == ["overlay"]
+    driver.mount("v", ID_B)
+    assert overlays_on(folder) == ["overlay"]
+    assert not (folder / "mountpoint" / "c").exists()
+
+
+def test_reset_refuses_while_a_stray_overlay_is_held(driver: Driver, base: Path) -> None:
     folder = make_volume(driver, base)
     driver.mount("v", ID_A)
     (folder / "mountpoint" / "c").write_text("kept")
     with open(folder / "mountpoint" / "b"):
         driver.unmount("v", ID_A)
-        assert not mounted(folder)
-        assert records(folder) == {}
-    driver.mount("v", ID_B)
-    assert (folder / "mountpoint" / "c").read_text() == "kept"
+        with pytest.raises(UserError, match="holds files open"):
+            driver.reset("v")
+    assert (folder / "upper" / "c").read_text() == "kept"
+    driver.reset("v")
+    assert not (folder / "upper" / "c").exists()
+    assert not mounted(folder)
 
 
 def test_records_without_an_overlay_get_it_mounted_again(driver: Driver, base: Path) -> None:
@@ -600,3 +644,22 @@ def test_doctor_leaves_podman_records_to_podman(driver: Driver, base: Path) -> N
     assert records(folder) == {PODMAN_MOUNT_ID: 1}
     assert mounted(folder)
     assert driver.doctor(None, {}, fix=True) == []
+
+
+def test_a_long_holder_names_itself_to_those_that_give_up(
+    driver: Driver, base: Path, tmp_path: Path
+) -> None:
+    """Issue 13.1: a waiter that gives up says what holds the volume."""
+    make_volume(driver, base)
+    impatient = Driver(driver.root, lock_timeout=0.2)
+    seen: list[str] = []
+
+    def meanwhile(_: int) -> None:
+        with pytest.raises(BusyError) as refused:
+            impatient.mount("v", ID_A)
+        seen.append(str(refused.value))
+
+    driver.commit_into("v", tmp_path / "merged", meanwhile)
+    assert seen and "busy: a commit (pid" in seen[0], seen
+    assert not (driver.root / "v" / "busy.json").exists()
+    assert impatient.mount("v", ID_A)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from docker_on_top import kernel
 
 from ..mounts import mounts_under
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_overlay_options_pin_off_features_that_forbid_changing_the_base() -> None:
@@ -134,3 +139,54 @@ def test_directory_lock_excludes_a_second_holder(workspace: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+def _rename_cases(tmp_path: Path) -> None:
+    """rename_noreplace moves what is absent and refuses, untouched, what would replace."""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "inside").write_text("d")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("f")
+    (tmp_path / "other").write_text("o")
+    for source, target in (("dir", "empty"), ("file", "other"), ("file", "empty")):
+        with pytest.raises(OSError) as refused:
+            kernel.rename_noreplace(tmp_path / source, tmp_path / target)
+        assert refused.value.errno == errno.EEXIST
+    assert (tmp_path / "other").read_text() == "o"
+    assert list((tmp_path / "empty").iterdir()) == []
+    kernel.rename_noreplace(tmp_path / "dir", tmp_path / "moved-dir")
+    kernel.rename_noreplace(tmp_path / "file", tmp_path / "moved-file")
+    assert (tmp_path / "moved-dir" / "inside").read_text() == "d"
+    assert (tmp_path / "moved-file").read_text() == "f"
+    assert not (tmp_path / "dir").exists() and not (tmp_path / "file").exists()
+
+
+def test_rename_noreplace_never_replaces(tmp_path: Path) -> None:
+    _rename_cases(tmp_path)
+
+
+def test_rename_noreplace_without_renameat2_in_libc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13.9: an older libc has no renameat2."""
+    monkeypatch.setattr(kernel, "_renameat2", lambda: None)
+    _rename_cases(tmp_path)
+
+
+def test_rename_noreplace_on_a_filesystem_that_answers_einval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13.9: some filesystems answer EINVAL to RENAME_NOREPLACE."""
+
+    def refusing(*_: object) -> int:
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(kernel, "_renameat2", lambda: refusing)
+    _rename_cases(tmp_path)
+
+
+def test_importing_the_kernel_module_looks_up_no_optional_syscall() -> None:
+    """Issue 13.9: renameat2 is looked up lazily, so the package imports on any libc."""
+    probe = "import docker_on_top.kernel as k, sys; sys.exit(k._renameat2.cache_info().currsize)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=False).returncode == 0
