@@ -817,8 +817,12 @@ class Driver:
             raise UserError("`base` is not a valid path (it cannot be encoded)") from None
         if "\0" in base:
             raise UserError("`base` must not contain a NUL character")
-        if kernel.UNSAFE_OPTION_CHARACTERS & set(base):
-            raise UserError("directories with commas and/or colons in the path are not supported")
+        # SPEC B3: the new mount API takes such a path; mount(2)'s option string cannot.
+        if kernel.UNSAFE_OPTION_CHARACTERS & set(base) and not kernel.takes_any_overlay_path():
+            raise UserError(
+                "directories with commas and/or colons in the path are not supported "
+                "(they need Linux 6.8 or later)"
+            )
         try:
             is_directory = stat.S_ISDIR(os.stat(self._on_host(base)).st_mode)
         except (FileNotFoundError, NotADirectoryError):
@@ -871,7 +875,7 @@ class Driver:
                 volume.discard_changes()
             kernel.mount_overlay(
                 source=f"docker-on-top_{volume.name}",
-                lower=self._on_host(metadata.base_dir),
+                lowers=[self._on_host(metadata.base_dir)],
                 upper=volume.upper,
                 work=volume.workdir,
                 target=volume.mountpoint,

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
@@ -50,15 +50,6 @@ def _raise_errno(call: str, path: Path) -> None:
     raise OSError(code, f"{call}: {os.strerror(code)}", str(path))
 
 
-def overlay_options(*, lower: Path, upper: Path, work: Path, volatile: bool) -> str:
-    """The option string of an overlay mount; `volatile` skips every sync to disk."""
-    options = (
-        f"lowerdir={_escaped(lower)},upperdir={_escaped(upper)},workdir={_escaped(work)},"
-        + _PINNED_OFF
-    )
-    return options + ",volatile" if volatile else options
-
-
 def _escaped(path: Path) -> str:
     if UNSAFE_OPTION_CHARACTERS & set(str(path)):
         raise ValueError(f"path {path} contains ',' or ':' and cannot be an overlay option")
@@ -66,21 +57,174 @@ def _escaped(path: Path) -> str:
     return str(path).replace("\\", "\\\\")
 
 
+# mount(2) takes its options in one page.
+_OPTIONS_MAX = 4095
+
+
 def mount_overlay(
-    *, source: str, lower: Path, upper: Path, work: Path, target: Path, volatile: bool
+    *,
+    source: str,
+    lowers: Sequence[Path],
+    upper: Path | None,
+    work: Path | None,
+    target: Path,
+    volatile: bool = False,
 ) -> None:
-    options = overlay_options(lower=lower, upper=upper, work=work, volatile=volatile)
-    _mount("overlay", source, target, 0, options)
+    """Mount an overlay of `lowers` (topmost first) under `upper` on `target`; without
+    an upper (and work) directory, a read-only view of the lower layers.
 
-
-def mount_read_only_overlay(layers: list[Path], target: Path) -> None:
-    """Mount `layers`, topmost first, as one read-only view with no upper layer.
-
-    The features are pinned off as for the volumes' own mounts, so that the view is
-    what the containers see.
+    mount(2) takes the paths in one option string, so it cannot take a path with ','
+    or ':', nor more layers than fit one page. The new mount API (fsopen, fsconfig
+    "lowerdir+", Linux 6.8+) takes each path on its own, and is used where it is needed
+    and the kernel has it; elsewhere such a mount raises ValueError.
     """
-    lower = ":".join(_escaped(layer) for layer in layers)
-    _mount("overlay", "docker-on-top", target, MS_RDONLY, f"lowerdir={lower},{_PINNED_OFF}")
+    paths = [*lowers, *(p for p in (upper, work) if p is not None)]
+    if not any(UNSAFE_OPTION_CHARACTERS & set(str(path)) for path in paths):
+        options = overlay_options(lowers, upper, work, volatile)
+        if len(os.fsencode(options)) <= _OPTIONS_MAX:
+            _mount("overlay", source, target, MS_RDONLY if upper is None else 0, options)
+            return
+    if not takes_any_overlay_path():
+        raise ValueError(
+            "this kernel has no overlayfs `lowerdir+` (Linux 6.8+): paths with ',' or ':', "
+            "or layers past one page of mount options, cannot be mounted"
+        )
+    _mount_overlay_by_parts(source, lowers, upper, work, target, volatile)
+
+
+def mount_read_only_overlay(layers: Sequence[Path], target: Path) -> None:
+    """Mount `layers`, topmost first, as one read-only view with no upper layer, with the
+    features pinned off as for the volumes' own mounts: the view is what containers see."""
+    mount_overlay(source="docker-on-top", lowers=layers, upper=None, work=None, target=target)
+
+
+def overlay_options(
+    lowers: Sequence[Path], upper: Path | None, work: Path | None, volatile: bool
+) -> str:
+    """The option string of an overlay mount(2); `volatile` skips every sync to disk."""
+    options = "lowerdir=" + ":".join(_escaped(lower) for lower in lowers)
+    if upper is not None and work is not None:
+        options += f",upperdir={_escaped(upper)},workdir={_escaped(work)}"
+    options += "," + _PINNED_OFF
+    return options + ",volatile" if volatile else options
+
+
+# The new mount API's syscalls: one number on every architecture (Linux 5.2+).
+_SYS_MOVE_MOUNT = 429
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
+_FSOPEN_CLOEXEC = 1
+_FSMOUNT_CLOEXEC = 1
+_FSCONFIG_SET_FLAG = 0
+_FSCONFIG_SET_STRING = 1
+_FSCONFIG_CMD_CREATE = 6
+_MOUNT_ATTR_RDONLY = 1
+_MOVE_MOUNT_F_EMPTY_PATH = 4
+
+
+def _syscall(number: int, *arguments: object) -> int:
+    result = _libc.syscall(ctypes.c_long(number), *arguments)
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int(result)
+
+
+@functools.lru_cache(maxsize=1)
+def takes_any_overlay_path() -> bool:
+    """Whether overlayfs here takes its layers one by one (`lowerdir+`, Linux 6.8+), so
+    that a path may hold ',' and ':' and the layers need not fit one page. Asked of the
+    kernel once: a filesystem context is opened and a layer set, nothing is mounted."""
+    try:
+        context = _syscall(_SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC))
+    except OSError:
+        return False
+    try:
+        _fsconfig(context, _FSCONFIG_SET_STRING, "lowerdir+", "/")
+    except OSError:
+        return False
+    finally:
+        os.close(context)
+    return True
+
+
+def _fsconfig(context: int, command: int, key: str | None, value: str | None) -> None:
+    try:
+        _syscall(
+            _SYS_FSCONFIG,
+            ctypes.c_int(context),
+            ctypes.c_uint(command),
+            None if key is None else key.encode(),
+            None if value is None else os.fsencode(value),
+            ctypes.c_int(0),
+        )
+    except OSError as error:
+        said = _context_messages(context) or error.strerror
+        raise OSError(error.errno, f"overlay {key or 'mount'}: {said}", value) from None
+
+
+def _mount_overlay_by_parts(
+    source: str,
+    lowers: Sequence[Path],
+    upper: Path | None,
+    work: Path | None,
+    target: Path,
+    volatile: bool,
+) -> None:
+    context = _syscall(_SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC))
+    try:
+        _fsconfig(context, _FSCONFIG_SET_STRING, "source", source)
+        for lower in lowers:  # topmost first, as in lowerdir=
+            _fsconfig(context, _FSCONFIG_SET_STRING, "lowerdir+", str(lower))
+        if upper is not None and work is not None:
+            # Unlike "lowerdir+", these two still lose their backslash escapes.
+            for key, path in (("upperdir", upper), ("workdir", work)):
+                _fsconfig(context, _FSCONFIG_SET_STRING, key, str(path).replace("\\", "\\\\"))
+        for option in _PINNED_OFF.split(","):
+            key, _, value = option.partition("=")
+            _fsconfig(context, _FSCONFIG_SET_STRING, key, value)
+        if volatile:
+            _fsconfig(context, _FSCONFIG_SET_FLAG, "volatile", None)
+        _fsconfig(context, _FSCONFIG_CMD_CREATE, None, None)
+        try:
+            mounted = _syscall(
+                _SYS_FSMOUNT,
+                ctypes.c_int(context),
+                ctypes.c_uint(_FSMOUNT_CLOEXEC),
+                ctypes.c_uint(_MOUNT_ATTR_RDONLY if upper is None else 0),
+            )
+        except OSError as error:
+            raise OSError(error.errno, f"fsmount: {error.strerror}", str(target)) from None
+    finally:
+        os.close(context)
+    try:
+        _syscall(
+            _SYS_MOVE_MOUNT,
+            ctypes.c_int(mounted),
+            b"",
+            ctypes.c_int(_AT_FDCWD),
+            os.fsencode(target),
+            ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+        )
+    except OSError as error:
+        raise OSError(error.errno, f"move_mount: {error.strerror}", str(target)) from None
+    finally:
+        os.close(mounted)
+
+
+def _context_messages(context: int) -> str:
+    """What the filesystem said while it was configured ("e overlayfs: ..." lines)."""
+    messages = []
+    while True:
+        try:
+            message = os.read(context, 4096)
+        except OSError:
+            break
+        if not message:
+            break
+        messages.append(message.decode(errors="replace").strip())
+    return "; ".join(messages)
 
 
 def _mount(fs_type: str, source: str, target: Path, flags: int, options: str) -> None:

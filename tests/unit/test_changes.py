@@ -55,7 +55,7 @@ class Volume:
     def mount(self) -> None:
         kernel.mount_overlay(
             source="dot-test",
-            lower=self.base,
+            lowers=[self.base],
             upper=self.upper,
             work=self.work,
             target=self.mountpoint,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from docker_on_top import kernel
 from docker_on_top.driver import Driver
 from docker_on_top.errors import BusyError, InternalError, UserError
 
@@ -93,13 +94,28 @@ def test_create_refuses_a_base_that_is_a_file(driver: Driver, base: Path) -> Non
 
 
 @pytest.mark.parametrize("separator", [",", ":"])
-def test_create_refuses_a_base_with_overlay_separators(
-    driver: Driver, workspace: Path, separator: str
+def test_create_refuses_a_base_with_overlay_separators_on_a_kernel_before_6_8(
+    driver: Driver, workspace: Path, separator: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A3's original refusal stays where overlayfs has no `lowerdir+` (SPEC B3)."""
+    monkeypatch.setattr(kernel, "takes_any_overlay_path", lambda: False)
     odd = workspace / f"odd{separator}dir"
     odd.mkdir()
     with pytest.raises(UserError, match="commas and/or colons"):
         driver.create("v", {"base": str(odd)})
+
+
+@pytest.mark.parametrize("separator", [",", ":"])
+def test_create_takes_a_base_with_overlay_separators_where_the_kernel_can(
+    driver: Driver, workspace: Path, separator: str
+) -> None:
+    odd = workspace / f"odd{separator}dir"
+    odd.mkdir()
+    (odd / "f").write_text("odd")
+    driver.create("v", {"base": str(odd)})
+    mountpoint = Path(driver.mount("v", ID_A))
+    assert (mountpoint / "f").read_text() == "odd"
+    driver.unmount("v", ID_A)
 
 
 def test_create_refuses_a_base_inside_the_state_root(driver: Driver) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_overlay_options_pin_off_features_that_forbid_changing_the_base() -> None:
     options = kernel.overlay_options(
-        lower=Path("/l"), upper=Path("/u"), work=Path("/w"), volatile=False
+        lowers=[Path("/l")], upper=Path("/u"), work=Path("/w"), volatile=False
     ).split(",")
     assert options[:3] == ["lowerdir=/l", "upperdir=/u", "workdir=/w"]
     for pinned in ("index=off", "metacopy=off", "redirect_dir=off", "xino=off"):
@@ -29,7 +30,7 @@ def test_overlay_options_pin_off_features_that_forbid_changing_the_base() -> Non
 
 def test_volatile_overlay_options_skip_syncs() -> None:
     options = kernel.overlay_options(
-        lower=Path("/l"), upper=Path("/u"), work=Path("/w"), volatile=True
+        lowers=[Path("/l")], upper=Path("/u"), work=Path("/w"), volatile=True
     )
     assert options.split(",")[-1] == "volatile"
 
@@ -37,7 +38,7 @@ def test_volatile_overlay_options_skip_syncs() -> None:
 def test_overlay_options_refuse_separators_in_paths() -> None:
     with pytest.raises(ValueError):
         kernel.overlay_options(
-            lower=Path("/a,b"), upper=Path("/u"), work=Path("/w"), volatile=False
+            lowers=[Path("/a,b")], upper=Path("/u"), work=Path("/w"), volatile=False
         )
 
 
@@ -53,7 +54,7 @@ def make_layers(workspace: Path) -> tuple[Path, Path, Path, Path]:
 def test_mount_and_unmount_an_overlay(workspace: Path, volatile: bool) -> None:
     lower, upper, work, target = make_layers(workspace)
     kernel.mount_overlay(
-        source="test", lower=lower, upper=upper, work=work, target=target, volatile=volatile
+        source="test", lowers=[lower], upper=upper, work=work, target=target, volatile=volatile
     )
     assert kernel.is_mount_point(target)
     assert mounts_under(target) == [(str(target), "overlay")]
@@ -73,7 +74,7 @@ def test_paths_with_backslashes_mount_those_very_paths(workspace: Path) -> None:
     lower, upper, work, target = layers
     (lower / "file").write_text("from the odd base")
     kernel.mount_overlay(
-        source="test", lower=lower, upper=upper, work=work, target=target, volatile=False
+        source="test", lowers=[lower], upper=upper, work=work, target=target, volatile=False
     )
     try:
         assert (target / "file").read_text() == "from the odd base"
@@ -88,7 +89,7 @@ def test_mount_with_a_missing_lower_says_enoent(workspace: Path) -> None:
     with pytest.raises(OSError) as raised:
         kernel.mount_overlay(
             source="test",
-            lower=workspace / "missing",
+            lowers=[workspace / "missing"],
             upper=upper,
             work=work,
             target=target,
@@ -110,7 +111,7 @@ def test_mount_points_lists_mounted_paths_with_odd_characters(workspace: Path, n
     target.mkdir()
     assert str(target) not in kernel.mount_points()
     kernel.mount_overlay(
-        source="test", lower=lower, upper=upper, work=work, target=target, volatile=False
+        source="test", lowers=[lower], upper=upper, work=work, target=target, volatile=False
     )
     try:
         assert str(target) in kernel.mount_points()
@@ -190,3 +191,71 @@ def test_importing_the_kernel_module_looks_up_no_optional_syscall() -> None:
     """Issue 13.9: renameat2 is looked up lazily, so the package imports on any libc."""
     probe = "import docker_on_top.kernel as k, sys; sys.exit(k._renameat2.cache_info().currsize)"
     assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=False).returncode == 0
+
+
+def test_this_kernel_takes_overlay_layers_one_by_one() -> None:
+    """SPEC B3 needs Linux 6.8+; the machines this project is tested on have it."""
+    assert kernel.takes_any_overlay_path()
+
+
+@pytest.mark.parametrize("odd", ["comma,in", "colon:in", "both,:\\back"])
+def test_paths_with_commas_and_colons_mount_those_very_paths(workspace: Path, odd: str) -> None:
+    """SPEC B3: through the new mount API the paths are never joined into one string."""
+    lower, upper, work, target = (workspace / f"{odd}-{n}" for n in ("l", "u", "w", "t"))
+    for folder in (lower, upper, work, target):
+        folder.mkdir()
+    (lower / "file").write_text("odd base")
+    kernel.mount_overlay(
+        source="test", lowers=[lower], upper=upper, work=work, target=target, volatile=True
+    )
+    try:
+        assert (target / "file").read_text() == "odd base"
+        (target / "new").touch()
+        assert (upper / "new").exists()
+        device = os.stat(target).st_dev
+        (entry,) = [
+            line
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[2] == f"{os.major(device)}:{os.minor(device)}"
+        ]
+        assert "volatile" in entry.split(" - ")[1]
+    finally:
+        kernel.unmount(target)
+
+
+@pytest.mark.parametrize("count", [3, 120])
+def test_several_lower_layers_stack_topmost_first(workspace: Path, count: int) -> None:
+    """Past one page of options (120 long paths) the layers go one by one."""
+    lowers = []
+    for index in range(count):
+        layer = workspace / f"layer-{index:03d}-{'x' * 40}"
+        layer.mkdir()
+        (layer / "file").write_text(f"layer {index}")
+        (layer / f"only-{index}").touch()
+        lowers.append(layer)
+    target = workspace / "view"
+    target.mkdir()
+    kernel.mount_read_only_overlay(lowers, target)
+    try:
+        assert (target / "file").read_text() == "layer 0"
+        assert sorted(p.name for p in target.iterdir()) == sorted(
+            ["file", *(f"only-{i}" for i in range(count))]
+        )
+        with pytest.raises(OSError):
+            (target / "new").touch()
+    finally:
+        kernel.unmount(target)
+
+
+def test_a_failed_mount_by_parts_says_what_the_kernel_said(workspace: Path) -> None:
+    _, upper, work, target = make_layers(workspace)
+    with pytest.raises(OSError) as raised:
+        kernel.mount_overlay(
+            source="test",
+            lowers=[workspace / "missing,dir"],
+            upper=upper,
+            work=work,
+            target=target,
+        )
+    assert raised.value.errno == errno.ENOENT
+    assert "missing,dir" in str(raised.value)
