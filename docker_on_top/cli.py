@@ -1,6 +1,6 @@
 """The command line: the daemon (`serve`, the default), commands to see and manage
 a volume's changes, and `install-systemd`. The volume commands work on the state root
-directly, with or without a running daemon, through the same driver, and take the
+directly, with or without a running daemon, through the same modules as the daemon, and take the
 volume's lock to change it.
 """
 
@@ -19,10 +19,15 @@ from contextlib import suppress
 from pathlib import Path
 
 from . import __version__, docker_api, systemd
+from .commands import Progress, VolumeCommands, VolumeDetails
 from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
-from .driver import Driver, Progress, VolumeDetails
+from .doctor import doctor
+from .driver import Driver
 from .errors import PluginError
+from .recovery import recover
+from .releases import PendingReleases
 from .server import PluginServer, StartupError
+from .store import VolumeStore
 
 log = logging.getLogger("docker_on_top")
 
@@ -180,8 +185,9 @@ def _inherited_socket() -> socket.socket | None:
 
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level)
-    driver = Driver(settings.root, settings.host_root)
-    server = PluginServer(driver, settings.socket)
+    store = VolumeStore(settings.root, settings.host_root)
+    releases = PendingReleases()
+    server = PluginServer(Driver(store, releases), settings.socket)
     try:
         # Bind first: a second instance must be refused before its recovery touches
         # the state of the first. Requests wait in the listen queue meanwhile.
@@ -195,7 +201,7 @@ def serve(settings: Settings) -> int:
         log.error("cannot start: %s", error)
         return 1
     try:
-        driver.recover()
+        recover(store, releases)
     except (PluginError, OSError) as error:
         log.error("cannot start: %s", error)
         server.close()
@@ -203,7 +209,7 @@ def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
     # In the background: dockerd may itself be waiting for this plugin to answer.
-    threading.Thread(target=_start_up_checks, args=(driver, settings), daemon=True).start()
+    threading.Thread(target=_start_up_checks, args=(store, releases, settings), daemon=True).start()
     log.info(
         "serving driver %s on %s (state root %s)", settings.name, settings.socket, settings.root
     )
@@ -212,9 +218,9 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def _start_up_checks(driver: Driver, settings: Settings) -> None:
+def _start_up_checks(store: VolumeStore, releases: PendingReleases, settings: Settings) -> None:
     try:
-        _report_stuck_volumes(driver, settings.name)
+        _report_stuck_volumes(store, releases, settings.name)
     except Exception:
         # The registration below matters more than the report (Swarm needs it).
         log.exception("the start-up check of the volumes failed")
@@ -224,9 +230,9 @@ def _start_up_checks(driver: Driver, settings: Settings) -> None:
         docker_api.register_driver(settings.name)
 
 
-def _report_stuck_volumes(driver: Driver, driver_name: str) -> None:
+def _report_stuck_volumes(store: VolumeStore, releases: PendingReleases, driver_name: str) -> None:
     try:
-        findings = driver.doctor(None, docker_api.volume_users(driver_name), fix=False)
+        findings = doctor(store, releases, None, docker_api.volume_users(driver_name), fix=False)
     except PluginError as error:
         log.warning("start-up check of the volumes failed: %s", error)
         return
@@ -275,18 +281,18 @@ def _terminal_progress(verb: str) -> Progress | None:
     return show
 
 
-def _export(driver: Driver, volume: str, output: str) -> None:
+def _export(commands: VolumeCommands, volume: str, output: str) -> None:
     if output == "-":
         if sys.stdout.isatty():
             raise SystemExit("docker-on-top: refusing to write a tar to a terminal; use -o FILE")
-        driver.export(volume, sys.stdout.buffer)
+        commands.export(volume, sys.stdout.buffer)
         return
     # Written aside and renamed at the end: a failure leaves no half-written file.
     target = Path(output)
     partial = target.with_name(f".{target.name}.partial")
     try:
         with open(partial, "wb") as out:
-            driver.export(volume, out)
+            commands.export(volume, out)
         partial.rename(target)
     finally:
         with suppress(FileNotFoundError):
@@ -300,19 +306,19 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _commit(driver: Driver, arguments: argparse.Namespace) -> int:
+def _commit(commands: VolumeCommands, arguments: argparse.Namespace) -> int:
     if arguments.into is not None:
-        driver.commit_into(
+        commands.commit_into(
             arguments.volume, arguments.into.absolute(), _terminal_progress("copied")
         )
         return 0
-    base = driver.details(arguments.volume).base
+    base = commands.details(arguments.volume).base
     if not arguments.yes and not _confirm(
         f"Apply the changes of volume {arguments.volume} onto {base}? This changes the base."
     ):
         print("docker-on-top: not confirmed; nothing changed (use --yes)", file=sys.stderr)
         return 1
-    driver.commit_into_base(arguments.volume, _terminal_progress("applied"))
+    commands.commit_into_base(arguments.volume, _terminal_progress("applied"))
     return 0
 
 
@@ -323,21 +329,24 @@ COMMAND_LOCK_TIMEOUT_S = 30.0
 
 def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
     setup_logging("warning")
-    driver = Driver(settings.root, settings.host_root, lock_timeout=COMMAND_LOCK_TIMEOUT_S)
+    store = VolumeStore(settings.root, settings.host_root, lock_timeout=COMMAND_LOCK_TIMEOUT_S)
+    commands = VolumeCommands(store)
     if not settings.root.is_dir():
         print(f"docker-on-top: no state root at {settings.root}", file=sys.stderr)
         return 1
-    commands: dict[str, Callable[[], int | None]] = {
-        "ls": lambda: _ls(driver, arguments.json),
-        "inspect": lambda: print(json.dumps(driver.details(arguments.volume).to_json(), indent=2)),
-        "diff": lambda: _diff(driver, arguments.volume, arguments.json),
-        "export": lambda: _export(driver, arguments.volume, arguments.output),
-        "reset": lambda: driver.reset(arguments.volume),
-        "commit": lambda: _commit(driver, arguments),
-        "doctor": lambda: _doctor(driver, settings.name, arguments),
+    runs: dict[str, Callable[[], int | None]] = {
+        "ls": lambda: _ls(commands, arguments.json),
+        "inspect": lambda: print(
+            json.dumps(commands.details(arguments.volume).to_json(), indent=2)
+        ),
+        "diff": lambda: _diff(commands, arguments.volume, arguments.json),
+        "export": lambda: _export(commands, arguments.volume, arguments.output),
+        "reset": lambda: commands.reset(arguments.volume),
+        "commit": lambda: _commit(commands, arguments),
+        "doctor": lambda: _doctor(commands, settings.name, arguments),
     }
     try:
-        return commands[arguments.command]() or 0
+        return runs[arguments.command]() or 0
     except PluginError as error:
         subject = getattr(arguments, "volume", None)
         print(f"docker-on-top: {subject + ': ' if subject else ''}{error}", file=sys.stderr)
@@ -348,14 +357,14 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         return 1
 
 
-def _doctor(driver: Driver, driver_name: str, arguments: argparse.Namespace) -> int:
+def _doctor(commands: VolumeCommands, driver_name: str, arguments: argparse.Namespace) -> int:
     users = docker_api.volume_users(driver_name)
     if users is None:
         print(
             "docker-on-top: dockerd does not answer; checking against the mount table only",
             file=sys.stderr,
         )
-    findings = driver.doctor(arguments.volume, users, fix=arguments.fix)
+    findings = doctor(commands.store, commands.releases, arguments.volume, users, fix=arguments.fix)
     for finding in findings:
         print(f"{finding.volume}: {finding.problem}{' [fixed]' if finding.fixed else ''}")
     if not findings:
@@ -363,16 +372,16 @@ def _doctor(driver: Driver, driver_name: str, arguments: argparse.Namespace) -> 
     return 1 if any(not finding.fixed for finding in findings) else 0
 
 
-def _ls(driver: Driver, as_json: bool) -> None:
-    volumes = driver.all_details()
+def _ls(commands: VolumeCommands, as_json: bool) -> None:
+    volumes = commands.all_details()
     if as_json:
         print(json.dumps([v.to_json() for v in volumes], indent=2))
     else:
         _print_table(volumes)
 
 
-def _diff(driver: Driver, volume: str, as_json: bool) -> None:
-    found = driver.diff(volume)
+def _diff(commands: VolumeCommands, volume: str, as_json: bool) -> None:
+    found = commands.diff(volume)
     if as_json:
         print(json.dumps([{"Kind": c.kind, "Path": c.path} for c in found], indent=2))
     else:
