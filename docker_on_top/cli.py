@@ -23,11 +23,12 @@ from .commands import Progress, VolumeCommands, VolumeDetails
 from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
 from .doctor import doctor
 from .driver import Driver
-from .errors import PluginError
+from .errors import PluginError, UserError
 from .recovery import recover
 from .releases import PendingReleases
 from .server import PluginServer, StartupError
-from .store import VolumeStore
+from .snapshots import VolumeSnapshots
+from .store import VolumeStore, parse_reference
 
 log = logging.getLogger("docker_on_top")
 
@@ -96,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diff.add_argument("volume")
     diff.add_argument("--json", action="store_true", help="print JSON")
-    export = command("export", "write a volume's changes as an OCI image-layer tar")
-    export.add_argument("volume")
+    export = command(
+        "export",
+        "write a volume's changes since its last snapshot, or the layer VOLUME@NAME froze, "
+        "as an OCI image-layer tar",
+    )
+    export.add_argument("volume", metavar="VOLUME[@NAME]")
     export.add_argument("-o", "--output", default="-", help="file to write, or - for stdout")
     reset = command("reset", "throw all of a volume's changes away")
     reset.add_argument("volume")
@@ -109,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--into-base", action="store_true", help="apply the changes onto the base itself"
     )
     commit.add_argument("--yes", action="store_true", help="do not ask before changing the base")
+    snapshot = command(
+        "snapshot",
+        "freeze a volume's changes as a read-only layer (VOLUME@NAME; NAME defaults to the "
+        "time) and print its name",
+    )
+    snapshot.add_argument("target", metavar="VOLUME[@NAME]")
+    snapshots = command("snapshots", "list snapshots: name, volume, time, size, users")
+    snapshots.add_argument("volume", nargs="?", help="only this volume's")
+    snapshots.add_argument("--json", action="store_true", help="print JSON")
+    rollback = command(
+        "rollback", "throw away what a volume changed since a snapshot, later snapshots too"
+    )
+    rollback.add_argument("target", metavar="VOLUME@NAME")
+    destroy = command("destroy", "remove a snapshot's name (its layer goes when unused)")
+    destroy.add_argument("target", metavar="VOLUME@NAME")
     doctor = command(
         "doctor", "find volumes whose records disagree with the mount table or with dockerd"
     )
@@ -266,6 +286,10 @@ def _print_table(volumes: Sequence[VolumeDetails]) -> None:
         )
         for v in volumes
     ]
+    _print_columns(rows)
+
+
+def _print_columns(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
         print("   ".join(cell.ljust(width) for cell, width in zip(row, widths)), row[-1])
@@ -344,11 +368,15 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         "reset": lambda: commands.reset(arguments.volume),
         "commit": lambda: _commit(commands, arguments),
         "doctor": lambda: _doctor(commands, settings.name, arguments),
+        "snapshot": lambda: print(_snapshot(store, arguments.target)),
+        "snapshots": lambda: _snapshots(store, arguments.volume, arguments.json),
+        "rollback": lambda: VolumeSnapshots(store).rollback(*_named(arguments.target)),
+        "destroy": lambda: VolumeSnapshots(store).destroy(*_named(arguments.target)),
     }
     try:
         return runs[arguments.command]() or 0
     except PluginError as error:
-        subject = getattr(arguments, "volume", None)
+        subject = getattr(arguments, "volume", None) or getattr(arguments, "target", None)
         print(f"docker-on-top: {subject + ': ' if subject else ''}{error}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -370,6 +398,36 @@ def _doctor(commands: VolumeCommands, driver_name: str, arguments: argparse.Name
     if not findings:
         print("no problem found")
     return 1 if any(not finding.fixed for finding in findings) else 0
+
+
+def _snapshot(store: VolumeStore, target: str) -> str:
+    volume, name = parse_reference(target)
+    return VolumeSnapshots(store).snapshot(volume, name)
+
+
+def _named(target: str) -> tuple[str, str]:
+    volume, name = parse_reference(target)
+    if name is None:
+        raise UserError(f"name the snapshot: {target}@NAME")
+    return volume, name
+
+
+def _snapshots(store: VolumeStore, volume: str | None, as_json: bool) -> None:
+    found = VolumeSnapshots(store).list(volume)
+    if as_json:
+        print(json.dumps([snapshot.to_json() for snapshot in found], indent=2))
+        return
+    rows = [("VOLUME@NAME", "CREATED", "SIZE", "USED BY")]
+    rows += [
+        (
+            f"{s.volume}@{s.name}",
+            s.created_at,
+            "?" if s.size_bytes is None else _human_size(s.size_bytes),
+            ", ".join(s.used_by),
+        )
+        for s in found
+    ]
+    _print_columns(rows)
 
 
 def _ls(commands: VolumeCommands, as_json: bool) -> None:

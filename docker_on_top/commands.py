@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,11 +20,13 @@ from typing import BinaryIO
 from . import changes, kernel, overlay
 from .errors import InternalError, PluginError, UserError
 from .releases import PendingReleases, usage_count
-from .store import VolumeStore
+from .store import VolumeStore, parse_reference
 from .volume import Metadata, Volume
 
 log = logging.getLogger(__name__)
 
+# Read-only views of a volume's lower layers, mounted aside under the state root.
+VIEW_PREFIX = ".view-"
 # Called with the number of entries copied so far during long work.
 Progress = Callable[[int], None]
 
@@ -33,16 +36,23 @@ class VolumeDetails:
     """Everything known about one volume, for the command line."""
 
     name: str
-    base: str
-    volatile: bool
+    metadata: Metadata
     created_at: str
     mountpoint: str
     mounted: bool  # what the kernel's mount table says
     mounts: Mapping[str, int]  # usage count by mount ID: the records
     changes_bytes: int
 
+    @property
+    def base(self) -> str:
+        return self.metadata.base_dir
+
+    @property
+    def volatile(self) -> bool:
+        return self.metadata.volatile
+
     def to_json(self) -> dict[str, object]:
-        return {
+        found: dict[str, object] = {
             "Name": self.name,
             "Base": self.base,
             "Volatile": self.volatile,
@@ -52,6 +62,17 @@ class VolumeDetails:
             "Mounts": dict(self.mounts),
             "ChangesBytes": self.changes_bytes,
         }
+        if not self.metadata.in_go_format:
+            found.update(
+                Bases=list(self.metadata.bases),
+                Layers=list(self.metadata.layers),
+                Snapshots=[
+                    {"Name": s.name, "Layer": s.layer, "CreatedAt": s.created_at}
+                    for s in self.metadata.snapshots
+                ],
+                Origin=self.metadata.origin,
+            )
+        return found
 
 
 class VolumeCommands:
@@ -65,8 +86,7 @@ class VolumeCommands:
         try:
             return VolumeDetails(
                 name=name,
-                base=metadata.base_dir,
-                volatile=metadata.volatile,
+                metadata=metadata,
                 created_at=created_at,
                 mountpoint=str(volume.mountpoint),
                 mounted=kernel.is_mount_point(volume.mountpoint),
@@ -80,24 +100,35 @@ class VolumeCommands:
         return [self.details(volume.name) for volume in self.store.volumes()]
 
     def diff(self, name: str) -> list[changes.Change]:
+        """The changes since the volume's last snapshot (against all its lower layers)."""
         volume = self.store.volume(name)
         metadata = self.store.metadata(volume)
         try:
-            return changes.diff(volume.upper, self.store.on_host(metadata.base_dir))
+            with _lower_view(self.store, self.store.lowers(metadata)) as below:
+                return changes.diff(volume.upper, below)
         except OSError as error:
             raise InternalError("failed to read the volume's changes", error) from error
 
-    def export(self, name: str, out: BinaryIO) -> None:
-        volume = self.store.volume(name)
-        self.store.metadata(volume)
+    def export(self, reference: str, out: BinaryIO) -> None:
+        """VOLUME: its changes since its last snapshot; VOLUME@NAME: the layer NAME froze,
+        each as an OCI image layer over what lies below it."""
+        volume_name, snapshot = parse_reference(reference)
+        volume = self.store.volume(volume_name)
+        metadata = self.store.metadata(volume)
+        changed = volume.upper
+        if snapshot is not None:
+            named = [s for s in metadata.snapshots if s.name == snapshot]
+            if not named:
+                raise UserError(f"volume {volume_name} has no snapshot {snapshot}")
+            changed = self.store.layers.tree(named[0].layer)
         try:
-            changes.export_layer(volume.upper, out)
+            changes.export_layer(changed, out)
         except (OSError, ValueError) as error:
             raise InternalError("failed to export the volume's changes", error) from error
 
     def reset(self, name: str) -> None:
         volume = self.store.volume(name)
-        with self._unused(volume, "a reset"):
+        with unused(self.store, self.releases, volume, "a reset"):
             try:
                 volume.discard_changes()
             except OSError as error:
@@ -107,10 +138,10 @@ class VolumeCommands:
     def commit_into(self, name: str, target: Path, progress: Progress | None = None) -> None:
         """Write the volume's merged content (base and changes) into the new folder `target`."""
         volume = self.store.volume(name)
-        with self._unused(volume, "a commit") as metadata:
+        with unused(self.store, self.releases, volume, "a commit") as metadata:
             try:
                 changes.merge_into(
-                    volume.upper, self.store.on_host(metadata.base_dir), target, progress=progress
+                    volume.upper, self.store.lowers(metadata), target, progress=progress
                 )
             except FileExistsError:
                 raise UserError(f"{target} exists already; name a new folder") from None
@@ -128,12 +159,24 @@ class VolumeCommands:
         """
         volume = self.store.volume(name)
         with ExitStack() as held:
-            metadata = held.enter_context(self._unused(volume, "a commit --into-base"))
+            metadata = held.enter_context(
+                unused(self.store, self.releases, volume, "a commit --into-base")
+            )
+            if not metadata.in_go_format:
+                raise UserError(
+                    f"volume {name} has layers or several bases, so there is no one base to "
+                    "commit into; write the merged content with `commit --into DIR` instead"
+                )
             base = self.store.on_host(metadata.base_dir)
             for other in self._volumes_sharing(base, besides=name):
                 try:
                     held.enter_context(
-                        self._unused(other, f"a commit --into-base of volume {name}")
+                        unused(
+                            self.store,
+                            self.releases,
+                            other,
+                            f"a commit --into-base of volume {name}",
+                        )
                     )
                 except UserError as error:
                     raise UserError(
@@ -167,23 +210,48 @@ class VolumeCommands:
                 sharing.append(other)
         return sharing
 
-    @contextmanager
-    def _unused(self, volume: Volume, doing: str) -> Iterator[Metadata]:
-        """Hold the volume's lock while nobody uses it, for `doing` (see store.locked);
-        refuse when somebody does. Gives the volume's metadata, read under the lock."""
-        with self.store.locked(volume, doing):
-            metadata = self.store.metadata(volume)
-            self.releases.retry(volume)
-            try:
-                users = volume.records.ids()
-            except OSError as error:
-                raise InternalError("failed to read the volume's usage records", error) from error
-            if users:
-                raise UserError(
-                    f"volume {volume.name} is in use ({len(users)} mount(s)); "
-                    "stop the containers that use it first"
-                )
-            # Its changes are about to change: no overlay of them may stay.
-            if not overlay.free_mountpoint(volume):
-                raise UserError(f"volume {volume.name}: {overlay.HELD_ON_HOST}; close them first")
-            yield metadata
+
+@contextmanager
+def unused(
+    store: VolumeStore, releases: PendingReleases, volume: Volume, doing: str
+) -> Iterator[Metadata]:
+    """Hold the volume's lock while nobody uses it, for `doing` (see store.locked);
+    refuse when somebody does. Gives the volume's metadata, read under the lock."""
+    with store.locked(volume, doing):
+        metadata = store.metadata(volume)
+        releases.retry(volume)
+        try:
+            users = volume.records.ids()
+        except OSError as error:
+            raise InternalError("failed to read the volume's usage records", error) from error
+        if users:
+            raise UserError(
+                f"volume {volume.name} is in use ({len(users)} mount(s)); "
+                "stop the containers that use it first"
+            )
+        # Its changes are about to change: no overlay of them may stay.
+        if not overlay.free_mountpoint(volume):
+            raise UserError(f"volume {volume.name}: {overlay.HELD_ON_HOST}; close them first")
+        try:
+            store.layers.settle_snapshot(volume, metadata.layers)
+        except (OSError, ValueError) as error:
+            raise InternalError("failed to settle a snapshot cut short", error) from error
+        yield metadata
+
+
+@contextmanager
+def _lower_view(store: VolumeStore, lowers: list[Path]) -> Iterator[Path]:
+    """The lower layers as the containers see them below the changes: the base itself,
+    or a read-only overlay of them all, mounted aside while needed."""
+    if len(lowers) == 1:
+        yield lowers[0]
+        return
+    view = Path(tempfile.mkdtemp(prefix=VIEW_PREFIX, dir=store.root))
+    try:
+        kernel.mount_read_only_overlay(lowers, view)
+        try:
+            yield view
+        finally:
+            kernel.unmount(view, flags=kernel.MNT_DETACH)
+    finally:
+        os.rmdir(view)

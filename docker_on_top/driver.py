@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 from . import kernel, overlay
 from .errors import BusyError, InternalError, PluginError, UserError
-from .options import new_volume_metadata
+from .options import creation
 from .releases import PendingReleases, release_one, usage_count
+from .snapshots import VolumeSnapshots
 from .store import NO_SUCH_VOLUME, VolumeStore
 from .volume import NAME_MAX_BYTES, NAME_PATTERN, Volume
 
@@ -48,15 +49,21 @@ class Driver:
 
     def create(self, name: str, options: Mapping[str, str]) -> None:
         volume = self.store.volume(name)
-        metadata = new_volume_metadata(self.store, options)
-        try:
-            volume.create(metadata)
-        except FileExistsError:
-            raise UserError("volume already exists") from None
-        except OSError as error:
-            raise InternalError("failed to create the volume's folder", error) from error
+        asked = creation(self.store, options)
+        if asked.origin is not None:
+            if volume.exists():
+                raise UserError("volume already exists")
+            VolumeSnapshots(self.store, self.releases).clone(
+                volume, asked.origin, volatile=asked.volatile
+            )
+            return
+        assert asked.metadata is not None
+        self.store.create(volume, asked.metadata)
         log.info(
-            "created volume %s on %s (volatile: %s)", name, metadata.base_dir, metadata.volatile
+            "created volume %s on %s (volatile: %s)",
+            name,
+            ", ".join(asked.metadata.bases),
+            asked.volatile,
         )
 
     def list_volumes(self) -> list[VolumeInfo]:
@@ -81,6 +88,13 @@ class Driver:
         status: dict[str, object] = {}
         if metadata is not None:
             status.update(Base=metadata.base_dir, Volatile=metadata.volatile)
+            if not metadata.in_go_format:
+                status.update(
+                    Bases=list(metadata.bases),
+                    Snapshots=[snapshot.name for snapshot in metadata.snapshots],
+                    Layers=len(metadata.layers),
+                    Origin=metadata.origin or "",
+                )
         mounts = 0
         try:
             mounts = sum(usage_count(volume, i) or 0 for i in volume.records.ids())
@@ -108,7 +122,11 @@ class Driver:
         try:
             # A folder left by a cut-short create may have no activemounts/ to lock.
             has_records = volume.records.exists()
+            layers: tuple[str, ...] = ()
             with self.store.locked(volume) if has_records else nullcontext():
+                described = self.store.described(volume)
+                if described is not None and described[1] is not None:
+                    layers = described[1].layers
                 if has_records and volume.records.in_use():
                     # Records go before the overlay, as at every unmount.
                     log.warning(
@@ -121,6 +139,7 @@ class Driver:
                 volume.destroy()
                 # Only once it is gone: a Remove that fails keeps the releases to apply.
                 self.releases.take(volume)
+            VolumeSnapshots(self.store, self.releases).collect_after_remove(layers)
         except UserError:
             return  # removed meanwhile by another request or process
         except FileNotFoundError:
@@ -143,6 +162,10 @@ class Driver:
                 raise InternalError("failed to read the volume's usage records", error) from error
             mounted_here = False
             if first_user:
+                try:
+                    self.store.layers.settle_snapshot(volume, metadata.layers)
+                except (OSError, ValueError) as error:
+                    raise InternalError("failed to settle a snapshot cut short", error) from error
                 if overlay.free_mountpoint(volume):
                     overlay.mount(self.store, volume, metadata, discard=True)
                     mounted_here = True

@@ -1,39 +1,75 @@
 """The options of `docker volume create -o KEY=VALUE`: each checked, and together made
-into the metadata of the new volume. Every refusal is the user's to fix, and says how.
+into what the new volume is (its metadata, or the volume it is a clone of). Every
+refusal is the user's to fix, and says how.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import kernel
 from .errors import UserError
+from .layers import MAX_LOWER_LAYERS
 from .store import VolumeStore
 from .volume import Metadata, rfc3339
 
-OPTIONS = ("base", "volatile")
 _TRUE_WORDS = frozenset({"true", "yes"})
 _FALSE_WORDS = frozenset({"false", "no"})
+_UPPER_BASE = re.compile(r"base\.([1-9][0-9]*)")
+_KNOWN = (
+    "the options are 'base' (required), 'base.1', 'base.2', ... (more bases, stacked "
+    "above it), 'volatile', and 'from' (a clone, instead of bases)"
+)
 
 
-def new_volume_metadata(store: VolumeStore, options: Mapping[str, str]) -> Metadata:
+@dataclass(frozen=True)
+class Creation:
+    """What a Create asks for: a volume over bases (`metadata`), or a clone of `origin`."""
+
+    volatile: bool
+    metadata: Metadata | None = None
+    origin: str | None = None
+
+
+def creation(store: VolumeStore, options: Mapping[str, str]) -> Creation:
+    numbers = []
     for option in options:
-        if option not in OPTIONS:
-            raise UserError(
-                f"invalid option {option!r}: the options are 'base' (required) and 'volatile'"
-            )
-    return Metadata(
+        upper = _UPPER_BASE.fullmatch(option)
+        if upper is not None:
+            numbers.append(int(upper.group(1)))
+        elif option not in ("base", "volatile", "from"):
+            raise UserError(f"invalid option {option!r}: {_KNOWN}")
+    volatile = parse_volatile(options.get("volatile", "false"))
+    if "from" in options:
+        if "base" in options or numbers:
+            raise UserError("`from` and `base` exclude each other: a clone brings its bases along")
+        return Creation(volatile=volatile, origin=options["from"])
+    numbers.sort()
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise UserError(
+            "the bases above `base` are numbered 1, 2, 3, ... with no gaps: `base.1`, "
+            f"`base.2`, ... (got {', '.join(f'base.{n}' for n in numbers)})"
+        )
+    if numbers and "base" not in options:
+        raise UserError("`base.N` needs `base`, the bottom layer")
+    if len(numbers) + 1 > MAX_LOWER_LAYERS:
+        raise UserError(f"overlayfs stacks at most {MAX_LOWER_LAYERS} layers")
+    metadata = Metadata(
         base_dir=checked_base(store, options.get("base")),
-        volatile=parse_volatile(options.get("volatile", "false")),
+        volatile=volatile,
         created_at=rfc3339(time.time()),
+        upper_bases=tuple(checked_base(store, options[f"base.{n}"], f"base.{n}") for n in numbers),
     )
+    return Creation(volatile=volatile, metadata=metadata)
 
 
-def checked_base(store: VolumeStore, base: str | None) -> str:
+def checked_base(store: VolumeStore, base: str | None, option: str = "base") -> str:
     """`base` when it names an existing directory the volume can be mounted over."""
     if base is None:
         raise UserError(
@@ -41,13 +77,13 @@ def checked_base(store: VolumeStore, base: str | None) -> str:
             "directory on host"
         )
     if not base.startswith("/"):
-        raise UserError("`base` must be an absolute path")
+        raise UserError(f"`{option}` must be an absolute path")
     try:
         os.fsencode(base)
     except UnicodeEncodeError:
-        raise UserError("`base` is not a valid path (it cannot be encoded)") from None
+        raise UserError(f"`{option}` is not a valid path (it cannot be encoded)") from None
     if "\0" in base:
-        raise UserError("`base` must not contain a NUL character")
+        raise UserError(f"`{option}` must not contain a NUL character")
     # SPEC B3: the new mount API takes such a path; mount(2)'s option string cannot.
     if kernel.UNSAFE_OPTION_CHARACTERS & set(base) and not kernel.takes_any_overlay_path():
         raise UserError(
@@ -58,7 +94,7 @@ def checked_base(store: VolumeStore, base: str | None) -> str:
     try:
         is_directory = stat.S_ISDIR(os.stat(on_host).st_mode)
     except (FileNotFoundError, NotADirectoryError):
-        raise UserError("the base directory does not exist") from None
+        raise UserError(f"the base directory does not exist ({option}={base})") from None
     except OSError as error:
         raise UserError(f"the specified base directory is inaccessible: {error}") from None
     if not is_directory:

@@ -44,7 +44,7 @@ def mount(store: VolumeStore, volume: Volume, metadata: Metadata, *, discard: bo
             volume.discard_changes()
         kernel.mount_overlay(
             source=f"docker-on-top_{volume.name}",
-            lowers=[store.on_host(metadata.base_dir)],
+            lowers=store.lowers(metadata),
             upper=volume.upper,
             work=volume.workdir,
             target=volume.mountpoint,
@@ -55,7 +55,7 @@ def mount(store: VolumeStore, volume: Volume, metadata: Metadata, *, discard: bo
         if isinstance(error, OSError) and error.errno in (errno.ENOENT, errno.ENOTDIR):
             raise UserError(
                 "failed to mount volume: something is missing (does the base directory "
-                f"{metadata.base_dir} exist?)"
+                f"{' or '.join(metadata.bases)} exist?)"
             ) from error
         raise InternalError("failed to mount overlay", error) from error
 

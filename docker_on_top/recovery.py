@@ -4,7 +4,8 @@ first request is served.
 For every volume: a `mountpoint/` that is gone means a clean stop; one that could be
 removed means the overlay is gone although the last run did not clean up (its records
 describe nobody any more); one still mounted means containers may still use it, so it is
-left alone. Removals and creations that a crash cut short are finished or undone.
+left alone. Removals, creations and snapshots that a crash cut short are finished or
+undone, and layers no volume uses any more are removed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import shutil
 from dataclasses import dataclass, field
 
 from . import kernel
-from .errors import InternalError
+from .commands import VIEW_PREFIX
+from .errors import InternalError, PluginError
 from .releases import PendingReleases
+from .snapshots import VolumeSnapshots
 from .store import VolumeStore
 from .volume import REMOVED_PREFIX, Volume
 
@@ -41,10 +44,12 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
     store.root.mkdir(parents=True, exist_ok=True)
     _finish_removals(store)
     report = RecoveryReport()
+    _remove_views(store)
     for volume in store.volumes():
         if not volume.has_metadata() and _remove_half_made(volume):
             report.half_made.append(volume.name)
             continue
+        _settle_snapshot(store, volume)
         try:
             volume.mountpoint.rmdir()
         except FileNotFoundError:
@@ -71,6 +76,10 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
             raise InternalError(f"cannot recover volume {volume.name}", error) from error
         report.cleaned.append(volume.name)
         log.info("volume %s: the previous run ended uncleanly; usage records reset", volume.name)
+    try:
+        VolumeSnapshots(store, releases).collect_orphans()
+    except (PluginError, OSError) as error:
+        log.warning("cannot remove the layers no volume uses: %s", error)
     if report.still_mounted:
         log.warning(
             "volumes still mounted from the previous run: %s. Containers that stopped while "
@@ -80,6 +89,30 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
             ", ".join(report.still_mounted),
         )
     return report
+
+
+def _settle_snapshot(store: VolumeStore, volume: Volume) -> None:
+    """Finish or undo a snapshot of the volume that a crash cut short (see layers.py)."""
+    try:
+        if volume.snapshot_in_progress() is None:
+            return
+        with volume.records.lock():
+            store.layers.settle_snapshot(volume, store.metadata(volume).layers)
+    except (PluginError, OSError, ValueError) as error:
+        log.warning(
+            "volume %s: cannot settle a snapshot that was cut short: %s", volume.name, error
+        )
+
+
+def _remove_views(store: VolumeStore) -> None:
+    """Unmount and remove the read-only views a command left (see commands.VIEW_PREFIX)."""
+    for leftover in store.root.glob(f"{VIEW_PREFIX}*"):
+        try:
+            if kernel.is_mount_point(leftover):
+                kernel.unmount(leftover, flags=kernel.MNT_DETACH)
+            leftover.rmdir()
+        except OSError as error:
+            log.warning("cannot remove the leftover view %s: %s", leftover, error)
 
 
 def _finish_removals(store: VolumeStore) -> None:

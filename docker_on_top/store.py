@@ -1,6 +1,6 @@
 """The state root as a whole: volume names checked and turned into Volume folders, the
 volumes listed, their metadata read (cached), a volume's lock taken with a bounded wait,
-and a base path looked up on the host.
+the layer store, and a volume's lower layers looked up (bases on the host).
 
 Everything above (the driver, recovery, doctor, the commands) reaches volumes through
 here; nothing here mounts or decides what a request means.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import kernel
 from .errors import BusyError, InternalError, UserError
+from .layers import LayerStore
 from .volume import NAME_MAX_BYTES, NAME_PATTERN, Metadata, MetadataCache, Volume
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class VolumeStore:
         # metadata.json and looked up under `host_root`.
         self.host_root = host_root
         self.lock_timeout = lock_timeout
+        self.layers = LayerStore(root)
         self._metadata_cache = MetadataCache()
 
     def volume(self, name: object) -> Volume:
@@ -96,6 +98,15 @@ class VolumeStore:
             return "", None
         return created_at, metadata
 
+    def create(self, volume: Volume, metadata: Metadata) -> None:
+        """Make the volume's folder with `metadata`; nothing is left when it fails."""
+        try:
+            volume.create(metadata)
+        except FileExistsError:
+            raise UserError("volume already exists") from None
+        except OSError as error:
+            raise InternalError("failed to create the volume's folder", error) from error
+
     def forget(self, volume: Volume) -> None:
         self._metadata_cache.forget(volume.name)
 
@@ -131,8 +142,29 @@ class VolumeStore:
                 volume.clear_busy_note()
             lock.__exit__(None, None, None)
 
+    def lowers(self, metadata: Metadata) -> list[Path]:
+        """The volume's lower layers for overlayfs, topmost first: its frozen layers,
+        then its bases from `base.N` down to `base`."""
+        return [self.layers.tree(layer) for layer in reversed(metadata.layers)] + [
+            self.on_host(base) for base in reversed(metadata.bases)
+        ]
+
     def on_host(self, base: str) -> Path:
         """Where the host's path `base` is found from this process."""
         if self.host_root is None:
             return Path(base)
         return kernel.resolve_in_root(self.host_root, base)
+
+
+def parse_reference(text: str) -> tuple[str, str | None]:
+    """`VOLUME` or `VOLUME@NAME`; NAME follows the volume-name rules."""
+    volume, at, name = text.partition("@")
+    if at and not valid_snapshot_name(name):
+        raise UserError(
+            f'invalid snapshot name {name!r}: it should comply to "[a-zA-Z0-9][a-zA-Z0-9_.-]*"'
+        )
+    return volume, name if at else None
+
+
+def valid_snapshot_name(name: str) -> bool:
+    return bool(NAME_PATTERN.fullmatch(name)) and len(os.fsencode(name)) <= NAME_MAX_BYTES

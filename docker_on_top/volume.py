@@ -8,6 +8,7 @@ Layout (shared with docker-on-top v0.1.2, so either plugin can run on the same r
     <root>/<name>/workdir/          the overlay workdir, only while mounted
     <root>/<name>/mountpoint/       where the overlay is mounted, only while mounted
     <root>/<name>/busy.json         what holds the lock for long work (ours only), while it does
+    <root>/<name>/snapshot.json     the layer a snapshot moves upper/ into (ours), while it does
     <root>/<name>/unreleased.json   releases still to apply (ours only), when some failed
 
 The invariant everything else follows: a record in `activemounts/` guarantees a user
@@ -45,16 +46,54 @@ REMOVED_PREFIX = ".removed."
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A name a volume gave one of its layers (`snapshot VOLUME@NAME`)."""
+
+    name: str
+    layer: str
+    created_at: str
+
+
+@dataclass(frozen=True)
 class Metadata:
-    base_dir: str
+    """metadata.json. A volume over one base, with no layers and nothing else of ours,
+    is written exactly as the Go plugin writes it. Any other is written with
+    BaseDirPath as a list (bottom base first), which the Go plugin cannot read: it then
+    refuses to mount the volume rather than mount a base without its layers."""
+
+    base_dir: str  # the bottom base, `-o base=`
     volatile: bool
     # Absent in volumes created by the Go plugin.
     created_at: str | None = None
+    upper_bases: tuple[str, ...] = ()  # `-o base.1=`, `base.2=`, ..., bottom first
+    layers: tuple[str, ...] = ()  # frozen layers over the bases, bottom first (ids)
+    snapshots: tuple[Snapshot, ...] = ()  # oldest first
+    origin: str | None = None  # VOLUME@NAME a clone was made from
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        return (self.base_dir, *self.upper_bases)
+
+    @property
+    def in_go_format(self) -> bool:
+        return not (self.upper_bases or self.layers or self.snapshots or self.origin)
 
     def to_json(self) -> bytes:
-        document: dict[str, object] = {"BaseDirPath": self.base_dir, "Volatile": self.volatile}
+        document: dict[str, object] = {
+            "BaseDirPath": self.base_dir if self.in_go_format else list(self.bases),
+            "Volatile": self.volatile,
+        }
         if self.created_at is not None:
             document["CreatedAt"] = self.created_at
+        if self.layers:
+            document["Layers"] = list(self.layers)
+        if self.snapshots:
+            document["Snapshots"] = [
+                {"Name": s.name, "Layer": s.layer, "CreatedAt": s.created_at}
+                for s in self.snapshots
+            ]
+        if self.origin is not None:
+            document["Origin"] = self.origin
         return json.dumps(document, separators=(",", ":")).encode()
 
     @classmethod
@@ -63,16 +102,42 @@ class Metadata:
         document = json.loads(raw)
         if not isinstance(document, dict):
             raise ValueError("metadata.json is not a JSON object")
-        base_dir = document.get("BaseDirPath")
+        bases = document.get("BaseDirPath")
+        if isinstance(bases, str):
+            bases = [bases]
+        if not isinstance(bases, list) or not bases or not all(_is_text(b) for b in bases):
+            raise ValueError("metadata.json has no BaseDirPath string or list of strings")
         volatile = document.get("Volatile", False)
-        created_at = document.get("CreatedAt")
-        if not isinstance(base_dir, str) or not base_dir:
-            raise ValueError("metadata.json has no BaseDirPath string")
         if not isinstance(volatile, bool):
             raise ValueError("metadata.json has a Volatile that is not a boolean")
+        created_at = document.get("CreatedAt")
         if created_at is not None and not isinstance(created_at, str):
             raise ValueError("metadata.json has a CreatedAt that is not a string")
-        return cls(base_dir=base_dir, volatile=volatile, created_at=created_at)
+        layers = document.get("Layers", [])
+        if not isinstance(layers, list) or not all(_is_text(layer) for layer in layers):
+            raise ValueError("metadata.json has Layers that are not a list of layer ids")
+        snapshots = document.get("Snapshots", [])
+        if not isinstance(snapshots, list) or not all(
+            isinstance(s, dict) and all(_is_text(s.get(k)) for k in ("Name", "Layer", "CreatedAt"))
+            for s in snapshots
+        ):
+            raise ValueError("metadata.json has Snapshots that are not a list of snapshots")
+        origin = document.get("Origin")
+        if origin is not None and not _is_text(origin):
+            raise ValueError("metadata.json has an Origin that is not a string")
+        return cls(
+            base_dir=bases[0],
+            volatile=volatile,
+            created_at=created_at,
+            upper_bases=tuple(bases[1:]),
+            layers=tuple(layers),
+            snapshots=tuple(Snapshot(s["Name"], s["Layer"], s["CreatedAt"]) for s in snapshots),
+            origin=origin,
+        )
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
 
 
 def write_atomically(path: str | Path, data: bytes, staging: str | Path, *, durable: bool) -> None:
@@ -283,16 +348,40 @@ class Volume:
         try:
             self.upper.mkdir()
             self.records.make()
-            write_atomically(
-                self.metadata_file,
-                metadata.to_json(),
-                self.folder / ".metadata.json.tmp",
-                durable=True,
-            )
+            self.write_metadata(metadata)
             fsync_directory(self.folder.parent)
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
+
+    @cached_property
+    def snapshot_intent(self) -> Path:
+        """Present only while a snapshot moves the changes into a layer (see layers.py)."""
+        return Path(f"{self.location}/snapshot.json")
+
+    def begin_snapshot(self, layer: str) -> None:
+        write_atomically(
+            self.snapshot_intent,
+            json.dumps({"Layer": layer}).encode(),
+            f"{self.location}/.snapshot.json.tmp",
+            durable=True,
+        )
+
+    def snapshot_in_progress(self) -> str | None:
+        """The layer a snapshot cut short was moving the changes to, if any."""
+        try:
+            layer = json.loads(self.snapshot_intent.read_bytes())["Layer"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{self.snapshot_intent} is damaged: {error}") from None
+        if not isinstance(layer, str) or not NAME_PATTERN.fullmatch(layer):
+            raise ValueError(f"{self.snapshot_intent} names no layer")
+        return layer
+
+    def end_snapshot(self) -> None:
+        with suppress(FileNotFoundError):
+            self.snapshot_intent.unlink()
 
     @cached_property
     def busy_note(self) -> Path:
@@ -322,6 +411,14 @@ class Volume:
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return f"{what} (pid {pid}, since {since})"
+
+    def write_metadata(self, metadata: Metadata) -> None:
+        write_atomically(
+            self.metadata_file,
+            metadata.to_json(),
+            f"{self.location}/.metadata.json.tmp",
+            durable=True,
+        )
 
     def read_unreleased(self) -> dict[str, int]:
         """Releases that failed earlier, by mount ID (see Driver.unmount); {} when none."""
