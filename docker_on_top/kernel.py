@@ -1,5 +1,6 @@
-"""The kernel interface: overlay mount and unmount through the syscalls, flock with a
-deadline, rename without replacing, and path resolution inside another root directory.
+"""The kernel interface: overlay and other mounts and unmount through the syscalls, flock
+with a deadline, rename without replacing, and path resolution inside another root
+directory.
 
 Nothing here knows about volumes; callers pass plain paths.
 """
@@ -29,6 +30,9 @@ _libc.mount.argtypes = [
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -225,6 +229,12 @@ def _context_messages(context: int) -> str:
             break
         messages.append(message.decode(errors="replace").strip())
     return "; ".join(messages)
+
+
+def mount_filesystem(fs_type: str, source: str, target: Path, flags: int, options: str) -> None:
+    """mount(2) of any filesystem, `flags` from the MS_ constants here; with MS_REMOUNT,
+    new options for the one mounted on `target` (the MS_ flags are set anew too)."""
+    _mount(fs_type, source, target, flags, options)
 
 
 def _mount(fs_type: str, source: str, target: Path, flags: int, options: str) -> None:

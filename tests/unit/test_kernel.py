@@ -98,6 +98,25 @@ def test_mount_with_a_missing_lower_says_enoent(workspace: Path) -> None:
     assert raised.value.errno == errno.ENOENT
 
 
+def test_mount_filesystem_mounts_with_its_flags_and_remounts(workspace: Path) -> None:
+    target = workspace / "t"
+    target.mkdir()
+    kernel.mount_filesystem(
+        "tmpfs", "test", target, kernel.MS_NOSUID | kernel.MS_NODEV, "size=1m,mode=0700"
+    )
+    try:
+        assert os.statvfs(target).f_flag & (os.ST_NOSUID | os.ST_NODEV) == (
+            os.ST_NOSUID | os.ST_NODEV
+        )
+        assert os.stat(target).st_mode & 0o777 == 0o700
+        kernel.mount_filesystem("tmpfs", "test", target, kernel.MS_REMOUNT, "size=2m")
+        figures = os.statvfs(target)
+        assert figures.f_blocks * figures.f_frsize == 2 << 20
+        assert figures.f_flag & (os.ST_NOSUID | os.ST_NODEV) == 0
+    finally:
+        kernel.unmount(target)
+
+
 def test_unmount_of_something_not_mounted_fails(workspace: Path) -> None:
     with pytest.raises(OSError) as raised:
         kernel.unmount(workspace)
