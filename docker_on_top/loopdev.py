@@ -14,6 +14,7 @@ import fcntl
 import os
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -142,13 +143,10 @@ def _attach(backing: Path) -> tuple[int, int]:
 def _held_read_only(number: int, device_fd: int) -> int:
     """Trade the writable fd for a read-only one: a kernel built without
     CONFIG_BLK_DEV_WRITE_MOUNTED refuses to mount a device someone has open for
-    writing. The device stays open throughout, so AUTOCLEAR does not fire."""
+    writing. The device stays open throughout, so AUTOCLEAR does not fire (unless this
+    fails: then the close detaches it)."""
     try:
         return _open_device(number, os.O_RDONLY)
-    except BaseException:
-        with suppress(OSError):
-            fcntl.ioctl(device_fd, _LOOP_CLR_FD, 0)
-        raise
     finally:
         os.close(device_fd)
 
@@ -157,17 +155,44 @@ def _held_read_only(number: int, device_fd: int) -> int:
 def attached(backing: Path) -> Iterator[str]:
     """Attach `backing` read-write to a free loop device and yield its path, for the
     block to mount. Once the block ends, the device stays only while something (the
-    mount) holds it, and detaches itself when that goes; if the block raises, it is
-    detached at once."""
+    mount) holds it, and detaches itself when that goes: at once if nothing does."""
     number, fd = _attach(backing)
     try:
         yield device_path(number)
-    except BaseException:
-        with suppress(OSError):
-            fcntl.ioctl(fd, _LOOP_CLR_FD, 0)
-        raise
     finally:
-        os.close(fd)  # AUTOCLEAR detaches it here if nothing else holds it
+        # The last close of a device with AUTOCLEAR detaches it: here if the block did
+        # not mount it, else when the mount lets go.
+        os.close(fd)
+
+
+@contextmanager
+def holding(number: int, backing: Path) -> Iterator[str | None]:
+    """Hold loop device `number` open while the block mounts it, if it is still attached
+    to `backing`: its path, or None once it has detached itself or been given another
+    file. Held open, it cannot detach itself meanwhile."""
+    try:
+        fd = _open_device(number, os.O_RDONLY)
+    except OSError as error:
+        if error.errno in (errno.ENXIO, errno.ENOENT):  # detaching, or gone
+            yield None
+            return
+        raise
+    try:
+        yield device_path(number) if number in backed_by(backing) else None
+    finally:
+        os.close(fd)
+
+
+def wait_detached(backing: Path, timeout: float) -> list[int]:
+    """Wait up to `timeout` seconds until no loop device names `backing`; the ones that
+    still do. A copy of a mount in another mount namespace, made while it was mounted
+    (as a container being started makes one), holds the device a moment longer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        attached = backed_by(backing)
+        if not attached or time.monotonic() >= deadline:
+            return attached
+        time.sleep(0.01)
 
 
 def detach(number: int) -> None:

@@ -174,12 +174,22 @@ def mount_image(image: Path, target: Path) -> str:
     nosuid and nodev hold for this mount only: an overlay whose upper directory is on it
     still runs set-user-ID files and opens device nodes, because the kernel checks those
     on the overlay's own mount. If the mount fails the device is detached again, and
-    after an unmount the device detaches itself. ImageInUse if the image is attached
-    already: two filesystems over one image would destroy it.
+    after an unmount the device detaches itself.
+
+    An image still attached to one device (its filesystem held by another mount
+    namespace a moment after an unmount, or left so by a crash) is mounted from that
+    device: the kernel then shares the one filesystem. A second device would make a
+    second filesystem over the same blocks and destroy them; with more than one
+    attached already, ImageInUse.
     """
     attached = loopdev.backed_by(image)
-    if attached:
+    if len(attached) > 1:
         raise ImageInUse(image, attached)
+    if attached:
+        with loopdev.holding(attached[0], image) as device:
+            if device is not None:
+                kernel.mount_filesystem("ext4", device, target, _MOUNT_FLAGS, _EXT4_OPTIONS)
+                return device
     with loopdev.attached(image) as device:
         kernel.mount_filesystem("ext4", device, target, _MOUNT_FLAGS, _EXT4_OPTIONS)
     return device
@@ -239,7 +249,7 @@ def usage(path: Path) -> Usage:
     """What the changes on the filesystem at `path` use and may use, from one statvfs.
 
     `used` counts the blocks files, folders and their metadata hold: about 16 KiB on a
-    fresh ext4 (its root and lost+found folders), 0 on a fresh tmpfs. ext4's own
+    fresh ext4 (24 KiB: its root and lost+found folders), 0 on a fresh tmpfs. ext4's own
     structures (journal, inode tables) are counted in neither. `limit` is `used` plus
     what is still free to write: ext4 keeps a reserve for delayed allocation (2 % of
     the blocks, at most 16 MiB) that no writer gets, and it is not in the limit.
@@ -254,12 +264,10 @@ def grow_image(image: Path, mounted_at: Path | None, new_size: int) -> None:
     mounted at `mounted_at` (the ioctl resize2fs uses, which needs CAP_SYS_RESOURCE),
     else offline (e2fsck, then resize2fs). The file grows first: done again after a
     failure or a crash, it completes the step cut short. ResizeRefused for a smaller
-    size, ImageInUse if it is attached but not mounted at `mounted_at`."""
-    attached = loopdev.backed_by(image)
-    if mounted_at is None and attached:
-        raise ImageInUse(image, attached)
-    if mounted_at is not None:
-        _check_mounted_from(image, mounted_at, attached)
+    size; ImageInUse if it is attached but not mounted at `mounted_at`."""
+    mounted = None if mounted_at is None else (mounted_at, _device_mounted_at(image, mounted_at))
+    if mounted is None:
+        _check_detached(image)
     current = os.stat(image).st_size
     if new_size < current:
         raise ResizeRefused(
@@ -268,31 +276,48 @@ def grow_image(image: Path, mounted_at: Path | None, new_size: int) -> None:
     with open(image, "r+b") as backing:
         backing.truncate(new_size)
         os.fsync(backing.fileno())
-    if mounted_at is None:
+    if mounted is None:
         _check_offline(image)
         _run("resize2fs", os.path.abspath(image))
         return
-    (device,) = attached
+    folder, device = mounted
     loopdev.set_capacity(device)
-    blocks = loopdev.size_bytes(device) // os.statvfs(mounted_at).f_bsize
+    _resize_mounted(folder, loopdev.size_bytes(device))
+
+
+def _device_mounted_at(image: Path, mounted_at: Path) -> int:
+    """The one loop device `image` backs, if it is what is mounted at `mounted_at`."""
+    attached = loopdev.backed_by(image)
+    if len(attached) > 1:
+        raise ImageInUse(image, attached)
+    if not attached or os.stat(mounted_at).st_dev != loopdev.device_number(attached[0]):
+        raise OSError(errno.EINVAL, f"{image} is not what is mounted at {mounted_at}")
+    return attached[0]
+
+
+def _resize_mounted(mounted_at: Path, size_bytes: int) -> None:
     fd = os.open(mounted_at, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        blocks = size_bytes // os.fstatvfs(fd).f_bsize
         fcntl.ioctl(fd, _EXT4_IOC_RESIZE_FS, struct.pack("=Q", blocks))
     except OSError as error:
         said = error.strerror
-        if error.errno == errno.EPERM:  # also resize2fs's "Permission denied to resize"
+        if error.errno == errno.EPERM:  # resize2fs says "Permission denied to resize"
             said = "the kernel resizes a mounted ext4 only for CAP_SYS_RESOURCE; grow it unmounted"
         raise OSError(error.errno, f"online resize: {said}", str(mounted_at)) from None
     finally:
         os.close(fd)
 
 
-def _check_mounted_from(image: Path, mounted_at: Path, attached: list[int]) -> None:
-    """Whether `mounted_at` is the filesystem on the one loop device `image` backs."""
-    if len(attached) > 1:
+# How long an offline resize waits for the image's loop device to detach itself after
+# an unmount (see loopdev.wait_detached).
+_DETACH_WAIT_S = 1.0
+
+
+def _check_detached(image: Path) -> None:
+    attached = loopdev.wait_detached(image, _DETACH_WAIT_S)
+    if attached:
         raise ImageInUse(image, attached)
-    if not attached or os.stat(mounted_at).st_dev != loopdev.device_number(attached[0]):
-        raise OSError(errno.EINVAL, f"{image} is not what is mounted at {mounted_at}")
 
 
 def _check_offline(image: Path) -> None:
@@ -309,9 +334,7 @@ def shrink_image(image: Path, new_size: int) -> None:
     no loop device holds the image (ImageInUse), and only when the changes fit the new
     size as resize2fs estimates it (ResizeRefused, saying how much they need)."""
     check_size(new_size)
-    attached = loopdev.backed_by(image)
-    if attached:
-        raise ImageInUse(image, attached)
+    _check_detached(image)
     current = os.stat(image).st_size
     if new_size >= current:
         raise ResizeRefused(

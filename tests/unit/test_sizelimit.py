@@ -347,14 +347,72 @@ def test_a_file_that_is_no_filesystem_fails_to_mount_and_leaves_no_loop_device(
     assert loopdev.backed_by(junk) == []
 
 
-def test_an_image_attached_already_is_not_mounted_twice(
+def test_an_image_mounted_twice_is_one_filesystem_on_one_device(
     scratch: Path, image: Path, mounted: Path
 ) -> None:
     second = scratch / "second"
     second.mkdir()
-    with pytest.raises(sizelimit.ImageInUse):
-        sizelimit.mount_image(image, second)
+    sizelimit.mount_image(image, second)
     assert len(loopdev.backed_by(image)) == 1
+    (mounted / "seen").write_text("from the first")
+    assert (second / "seen").read_text() == "from the first"
+
+
+def test_an_image_on_two_loop_devices_is_not_mounted(
+    scratch: Path, image: Path, mounted: Path
+) -> None:
+    second = scratch / "second"
+    second.mkdir()
+    refused = pytest.raises(sizelimit.ImageInUse, match=r"is attached to /dev/loop\d+, /dev/loop")
+    with loopdev.attached(image), refused:
+        sizelimit.mount_image(image, second)
+    assert mounts_under(second) == []
+
+
+@pytest.fixture
+def copy_of_the_mounts() -> Iterator[subprocess.Popen[bytes]]:
+    """A process in a mount namespace of its own, made now, with private propagation:
+    it holds a copy of every mount until it ends, as a container being set up does for
+    a moment. It is ended by its PID."""
+    process = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "echo ready; exec sleep 60"],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    process.stdout.readline()
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_an_image_still_held_by_another_namespace_is_mounted_from_the_same_device(
+    image: Path, mounted: Path, copy_of_the_mounts: subprocess.Popen[bytes]
+) -> None:
+    (mounted / "kept").write_text("changes")
+    sizelimit.unmount_image(mounted)
+    (number,) = loopdev.backed_by(image)  # the copy holds the filesystem
+    assert sizelimit.mount_image(image, mounted) == loopdev.device_path(number)
+    assert (mounted / "kept").read_text() == "changes"
+    copy_of_the_mounts.kill()
+    copy_of_the_mounts.wait()
+    assert loopdev.backed_by(image) == [number]
+    sizelimit.unmount_image(mounted)
+    assert loopdev.backed_by(image) == []
+
+
+def test_an_image_held_by_another_namespace_is_not_resized_offline(
+    image: Path, mounted: Path, copy_of_the_mounts: subprocess.Popen[bytes]
+) -> None:
+    sizelimit.unmount_image(mounted)
+    with pytest.raises(sizelimit.ImageInUse):
+        sizelimit.grow_image(image, None, 32 * MIB)
+    assert image.stat().st_size == 16 * MIB
+    copy_of_the_mounts.kill()
+    copy_of_the_mounts.wait()
+    sizelimit.grow_image(image, None, 32 * MIB)
+    assert image.stat().st_size == 32 * MIB
 
 
 def test_setuid_files_and_device_nodes_work_through_an_overlay_on_the_image(
