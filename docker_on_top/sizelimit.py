@@ -47,9 +47,10 @@ _MOUNT_FLAGS = kernel.MS_NOSUID | kernel.MS_NODEV
 # disk; the sparse file reads as zeros already. noinit_itable needs no new e2fsprogs,
 # unlike mke2fs's assume_storage_prezeroed (1.47).
 _EXT4_OPTIONS = "noinit_itable"
-# As many inodes per byte as ext4 gives a volume (mke2fs's default inode_ratio): a
-# tmpfs inode costs kernel memory the size limit does not count, so it is bounded too.
-_TMPFS_BYTES_PER_INODE = 16384
+# A tmpfs inode costs kernel memory (about 1 KiB with its dentry) that the size does
+# not count, so their number is bounded too: one per page, so that only empty files,
+# folders and symlinks can run out of inodes before the size runs out.
+_TMPFS_BYTES_PER_INODE = 4096
 _TMPFS_MODE = "0700"
 
 # <linux/ext4.h>: _IOW('f', 16, __u64), the online resize resize2fs uses on a mounted
@@ -58,11 +59,12 @@ _EXT4_IOC_RESIZE_FS = 0x40086610
 
 
 class ResizeRefused(ValueError):
-    """A resize that cannot be done: the image is in use, or the changes do not fit."""
+    """A resize not done: the changes do not fit the new size, or it is the other way."""
 
 
 class ImageInUse(Exception):
-    """The image is attached to a loop device: mounted, or left so by a crash."""
+    """The image is attached to a loop device: mounted (here, or still in another mount
+    namespace), or left so by a crash."""
 
     def __init__(self, image: Path, devices: list[int]) -> None:
         named = ", ".join(loopdev.device_path(number) for number in devices)
@@ -160,7 +162,7 @@ def make_image(path: Path, size_bytes: int) -> None:
                 f"in one file ({path.parent})"
             ) from None
         _run("mkfs.ext4", *_MKFS_OPTIONS, os.path.abspath(path))
-        os.fsync(fd)
+        os.fsync(fd)  # the new filesystem is on the disk before a caller records it
     except BaseException:
         os.unlink(path)
         raise
@@ -221,7 +223,7 @@ def _tmpfs_options(size_bytes: int) -> str:
 
 def resize_tmpfs(target: Path, size_bytes: int) -> None:
     """Give the tmpfs on `target` a new size (and inode count), also while it is in use.
-    ResizeRefused when its contents do not fit the new size."""
+    ResizeRefused when its contents, or their number, do not fit the new size."""
     check_size(size_bytes)
     figures = os.statvfs(target)
     used = (figures.f_blocks - figures.f_bfree) * figures.f_frsize
@@ -248,8 +250,8 @@ def resize_tmpfs(target: Path, size_bytes: int) -> None:
 def usage(path: Path) -> Usage:
     """What the changes on the filesystem at `path` use and may use, from one statvfs.
 
-    `used` counts the blocks files, folders and their metadata hold: about 16 KiB on a
-    fresh ext4 (24 KiB: its root and lost+found folders), 0 on a fresh tmpfs. ext4's own
+    `used` counts the blocks files, folders and their metadata hold: 24 KiB on a fresh
+    ext4 (its root and lost+found folders), 0 on a fresh tmpfs. ext4's own
     structures (journal, inode tables) are counted in neither. `limit` is `used` plus
     what is still free to write: ext4 keeps a reserve for delayed allocation (2 % of
     the blocks, at most 16 MiB) that no writer gets, and it is not in the limit.

@@ -540,14 +540,14 @@ def test_a_tmpfs_holds_its_size_and_no_more(tmpfs: Path) -> None:
     assert sizelimit.usage(tmpfs) == (8 * MIB, 8 * MIB)
 
 
-def test_a_tmpfs_holds_one_inode_per_16_kib(tmpfs: Path) -> None:
+def test_a_tmpfs_holds_one_inode_per_page(tmpfs: Path) -> None:
     made = 0
     with pytest.raises(OSError) as raised:
         for index in range(10_000):
             (tmpfs / str(index)).touch()
             made += 1
     assert raised.value.errno == errno.ENOSPC
-    assert made == 8 * MIB // 16384 - 1  # the root folder is one
+    assert made == 8 * MIB // 4096 - 1  # the root folder is one
 
 
 def test_a_tmpfs_grows_while_in_use(tmpfs: Path) -> None:
@@ -573,4 +573,13 @@ def test_a_tmpfs_shrink_below_its_contents_is_refused(tmpfs: Path) -> None:
     fill(tmpfs, "data", 20 * MIB)
     with pytest.raises(sizelimit.ResizeRefused, match="more than the new size"):
         sizelimit.resize_tmpfs(tmpfs, 16 * MIB)
+    assert sizelimit.usage(tmpfs).limit == 32 * MIB
+
+
+def test_a_tmpfs_shrink_below_its_number_of_files_is_refused(tmpfs: Path) -> None:
+    sizelimit.resize_tmpfs(tmpfs, 32 * MIB)
+    for index in range(3000):
+        (tmpfs / str(index)).touch()
+    with pytest.raises(sizelimit.ResizeRefused, match="3001 files and folders, more than 2048"):
+        sizelimit.resize_tmpfs(tmpfs, 8 * MIB)
     assert sizelimit.usage(tmpfs).limit == 32 * MIB
