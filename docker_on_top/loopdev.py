@@ -2,8 +2,8 @@
 devices a file backs, tell a device its file grew, detach.
 
 A device is attached with LO_FLAGS_AUTOCLEAR: it detaches itself when its last user
-closes it. `attached()` holds it open until the caller's mount has taken it, and clears
-it if the mount fails, so neither a failed mount nor a crash in between leaves one
+closes it. `attached()` holds it open until the caller's mount has taken it; if the
+mount fails, or the process dies first, that last close detaches it, so nothing is left
 attached. Nothing here knows about volumes; callers pass plain paths.
 """
 
@@ -29,7 +29,7 @@ _LOOP_CONFIGURE = 0x4C0A  # Linux 5.8+
 _LOOP_CTL_GET_FREE = 0x4C82
 _LO_FLAGS_AUTOCLEAR = 4
 # Direct I/O to the backing file: the data is cached once (by the filesystem on the
-# device), not twice, and write + fsync ran 3 to 10 times faster here (docs/size-limits.md).
+# device), not twice, and write + fsync ran several times faster (docs/size-limits.md).
 # A kernel that cannot do it for a file keeps buffered I/O without an error.
 _LO_FLAGS_DIRECT_IO = 16
 _LO_NAME_SIZE = 64
@@ -173,20 +173,20 @@ def holding(number: int, backing: Path) -> Iterator[str | None]:
     try:
         fd = _open_device(number, os.O_RDONLY)
     except OSError as error:
-        if error.errno in (errno.ENXIO, errno.ENOENT):  # detaching, or gone
-            yield None
-            return
-        raise
+        if error.errno not in (errno.ENXIO, errno.ENOENT):  # detaching, or gone
+            raise
+        fd = -1
     try:
-        yield device_path(number) if number in backed_by(backing) else None
+        yield device_path(number) if fd >= 0 and number in backed_by(backing) else None
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def wait_detached(backing: Path, timeout: float) -> list[int]:
     """Wait up to `timeout` seconds until no loop device names `backing`; the ones that
-    still do. A copy of a mount in another mount namespace, made while it was mounted
-    (as a container being started makes one), holds the device a moment longer."""
+    still do. A mount namespace made while the filesystem was mounted holds a copy of
+    the mount, and so the device, until it ends, and lets go a moment after that."""
     deadline = time.monotonic() + timeout
     while True:
         attached = backed_by(backing)
