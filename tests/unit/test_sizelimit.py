@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -186,7 +187,20 @@ def test_mounting_names_the_image_as_the_loop_devices_backing_file(
     sysfs = Path(f"/sys/block/loop{number}/loop")
     assert (sysfs / "backing_file").read_text() == f"{os.path.realpath(image)}\n"
     assert (sysfs / "autoclear").read_text() == "1\n"
+    assert (sysfs / "dio").read_text() == "1\n"
     assert mounts_under(target) == [(str(target), "ext4")]
+    assert lo_file_name(number) == os.fsencode(image)[:63]
+
+
+def lo_file_name(number: int) -> bytes:
+    """The name LOOP_GET_STATUS64 reports (what losetup shows without sysfs)."""
+    fd = os.open(loopdev.device_path(number), os.O_RDONLY)
+    try:
+        status = fcntl.ioctl(fd, 0x4C05, bytes(struct.calcsize("=" + loopdev._LOOP_INFO64)))
+    finally:
+        os.close(fd)
+    name = struct.unpack("=" + loopdev._LOOP_INFO64, status)[9]
+    return bytes(name).rstrip(b"\0")
 
 
 def test_writing_past_the_limit_fails_with_enospc(mounted: Path) -> None:
@@ -265,6 +279,8 @@ def test_without_cap_sys_resource_a_mounted_grow_says_so_and_completes_unmounted
 ) -> None:
     with pytest.raises(PermissionError, match="CAP_SYS_RESOURCE; grow it unmounted"):
         sizelimit.grow_image(image, mounted, 48 * MIB)
+    (number,) = loopdev.backed_by(image)
+    assert loopdev.size_bytes(number) == 48 * MIB  # LOOP_SET_CAPACITY came first
     assert sizelimit.usage(mounted).limit < 16 * MIB
     sizelimit.unmount_image(mounted)
     sizelimit.grow_image(image, None, 48 * MIB)
@@ -443,13 +459,19 @@ def test_setuid_files_and_device_nodes_work_through_an_overlay_on_the_image(
 
 
 def test_the_two_step_attach_of_older_kernels(image: Path) -> None:
-    number = fcntl.ioctl(os.open("/dev/loop-control", os.O_RDWR), loopdev._LOOP_CTL_GET_FREE)
+    control = os.open("/dev/loop-control", os.O_RDWR)
+    try:
+        number = fcntl.ioctl(control, loopdev._LOOP_CTL_GET_FREE)
+    finally:
+        os.close(control)
     device = loopdev._open_device(number, os.O_RDWR)
     backing = os.open(image, os.O_RDWR)
     try:
         loopdev._bind_in_two_steps(device, backing, os.fsencode(image))
         assert loopdev.backed_by(image) == [number]
         assert Path(f"/sys/block/loop{number}/loop/autoclear").read_text() == "1\n"
+        assert Path(f"/sys/block/loop{number}/loop/dio").read_text() == "1\n"
+        assert lo_file_name(number) == os.fsencode(image)[:63]
     finally:
         os.close(backing)
         os.close(device)
