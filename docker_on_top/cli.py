@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("target", metavar="VOLUME@NAME")
     destroy = command("destroy", "remove a snapshot's name (its layer goes when unused)")
     destroy.add_argument("target", metavar="VOLUME@NAME")
+    resize = command("resize", "change the size limit of a volume's changes (grow or shrink)")
+    resize.add_argument("volume")
+    resize.add_argument("size", help="bytes, with k, M, G or T (powers of 1024), e.g. 20G")
     doctor = command(
         "doctor", "find volumes whose records disagree with the mount table or with dockerd"
     )
@@ -372,6 +375,7 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         "snapshots": lambda: _snapshots(store, arguments.volume, arguments.json),
         "rollback": lambda: VolumeSnapshots(store).rollback(*_named(arguments.target)),
         "destroy": lambda: VolumeSnapshots(store).destroy(*_named(arguments.target)),
+        "resize": lambda: commands.resize(arguments.volume, arguments.size),
     }
     try:
         return runs[arguments.command]() or 0

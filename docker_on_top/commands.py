@@ -12,13 +12,14 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from . import changes, kernel, overlay
+from . import changes, kernel, overlay, sizelimit
 from .errors import InternalError, PluginError, UserError
+from .options import parse_size_option
 from .releases import PendingReleases, usage_count
 from .store import VolumeStore, parse_reference
 from .volume import Metadata, Volume
@@ -84,6 +85,10 @@ class VolumeCommands:
         volume = self.store.volume(name)
         metadata, created_at = self.store.metadata_and_creation(volume)
         try:
+            if metadata.size_limit is None:
+                changes_bytes = changes.changes_size(volume.upper)
+            else:
+                changes_bytes = overlay.storage_usage(volume, metadata)[0]
             return VolumeDetails(
                 name=name,
                 metadata=metadata,
@@ -91,7 +96,7 @@ class VolumeCommands:
                 mountpoint=str(volume.mountpoint),
                 mounted=kernel.is_mount_point(volume.mountpoint),
                 mounts={i: usage_count(volume, i) or 0 for i in volume.records.ids()},
-                changes_bytes=changes.changes_size(volume.upper),
+                changes_bytes=changes_bytes,
             )
         except OSError as error:
             raise InternalError(f"failed to read volume {name}", error) from error
@@ -104,8 +109,11 @@ class VolumeCommands:
         volume = self.store.volume(name)
         metadata = self.store.metadata(volume)
         try:
-            with _lower_view(self.store, self.store.lowers(metadata)) as below:
-                return changes.diff(volume.upper, below)
+            with (
+                _own_changes(self.store, volume, metadata) as upper,
+                _lower_view(self.store, self.store.lowers(metadata)) as below,
+            ):
+                return changes.diff(upper, below)
         except OSError as error:
             raise InternalError("failed to read the volume's changes", error) from error
 
@@ -115,22 +123,24 @@ class VolumeCommands:
         volume_name, snapshot = parse_reference(reference)
         volume = self.store.volume(volume_name)
         metadata = self.store.metadata(volume)
-        changed = volume.upper
-        if snapshot is not None:
+        try:
+            if snapshot is None:
+                with _own_changes(self.store, volume, metadata) as upper:
+                    changes.export_layer(upper, out)
+                return
             named = [s for s in metadata.snapshots if s.name == snapshot]
             if not named:
                 raise UserError(f"volume {volume_name} has no snapshot {snapshot}")
-            changed = self.store.layers.tree(named[0].layer)
-        try:
-            changes.export_layer(changed, out)
+            changes.export_layer(self.store.layers.tree(named[0].layer), out)
         except (OSError, ValueError) as error:
             raise InternalError("failed to export the volume's changes", error) from error
 
     def reset(self, name: str) -> None:
         volume = self.store.volume(name)
-        with unused(self.store, self.releases, volume, "a reset"):
+        with unused(self.store, self.releases, volume, "a reset") as metadata:
             try:
-                volume.discard_changes()
+                with _own_changes(self.store, volume, metadata) as upper:
+                    changes.reset(upper)
             except OSError as error:
                 raise InternalError("failed to throw the changes away", error) from error
         log.info("volume %s: changes thrown away", name)
@@ -140,9 +150,10 @@ class VolumeCommands:
         volume = self.store.volume(name)
         with unused(self.store, self.releases, volume, "a commit") as metadata:
             try:
-                changes.merge_into(
-                    volume.upper, self.store.lowers(metadata), target, progress=progress
-                )
+                with _own_changes(self.store, volume, metadata) as upper:
+                    changes.merge_into(
+                        upper, self.store.lowers(metadata), target, progress=progress
+                    )
             except FileExistsError:
                 raise UserError(f"{target} exists already; name a new folder") from None
             except ValueError as error:
@@ -164,8 +175,9 @@ class VolumeCommands:
             )
             if not metadata.in_go_format:
                 raise UserError(
-                    f"volume {name} has layers or several bases, so there is no one base to "
-                    "commit into; write the merged content with `commit --into DIR` instead"
+                    f"volume {name} has layers, several bases or a size limit, which "
+                    "`commit --into-base` does not handle; write the merged content with "
+                    "`commit --into DIR` instead"
                 )
             base = self.store.on_host(metadata.base_dir)
             for other in self._volumes_sharing(base, besides=name):
@@ -193,6 +205,37 @@ class VolumeCommands:
                     error,
                 ) from error
         log.info("volume %s: changes applied onto %s", name, metadata.base_dir)
+
+    def resize(self, name: str, size: str) -> None:
+        """Give a sized volume a new limit: an image grows also while mounted, a tmpfs is
+        remounted; a shrink needs the volume unused and its changes to fit."""
+        volume = self.store.volume(name)
+        new_size = parse_size_option(size)
+        with self.store.locked(volume, "a resize"):
+            metadata = self.store.metadata(volume)
+            if metadata.size_limit is None:
+                raise UserError(f"volume {name} has no size limit to change")
+            mounted = kernel.is_mount_point(volume.limit)
+            if new_size < metadata.size_limit and volume.records.in_use():
+                raise UserError(
+                    f"volume {name} is in use: it can grow now, but shrink only while unused"
+                )
+            try:
+                if metadata.volatile:
+                    if mounted:
+                        sizelimit.resize_tmpfs(volume.limit, new_size)
+                elif new_size > metadata.size_limit:
+                    sizelimit.grow_image(volume.image, volume.limit if mounted else None, new_size)
+                elif new_size < metadata.size_limit:
+                    if mounted:
+                        overlay.release_storage(volume)  # no user: only a leftover mount
+                    sizelimit.shrink_image(volume.image, new_size)
+                volume.write_metadata(replace(metadata, size_limit=new_size))
+            except sizelimit.ResizeRefused as error:
+                raise UserError(f"volume {name}: {error}") from None
+            except (OSError, sizelimit.ToolFailed, sizelimit.ImageInUse) as error:
+                raise InternalError(f"failed to resize volume {name}", error) from error
+        log.info("volume %s: size limit now %d bytes", name, new_size)
 
     def _volumes_sharing(self, base: Path, *, besides: str) -> list[Volume]:
         """The other volumes whose base is `base`, inside it or around it."""
@@ -253,5 +296,36 @@ def _lower_view(store: VolumeStore, lowers: list[Path]) -> Iterator[Path]:
             yield view
         finally:
             kernel.unmount(view, flags=kernel.MNT_DETACH)
+    finally:
+        os.rmdir(view)
+
+
+@contextmanager
+def _own_changes(store: VolumeStore, volume: Volume, metadata: Metadata) -> Iterator[Path]:
+    """The volume's upper directory. A sized volume's is in its storage: when that is
+    not mounted (nobody uses the volume), its image is mounted aside meanwhile, and a
+    volatile volume has no changes then."""
+    if metadata.size_limit is None:
+        yield volume.upper
+        return
+    if kernel.is_mount_point(volume.limit):
+        yield volume.limit / "upper"
+        return
+    view = Path(tempfile.mkdtemp(prefix=VIEW_PREFIX, dir=store.root))
+    try:
+        if metadata.volatile:
+            os.mkdir(view / "upper")
+            try:
+                yield view / "upper"
+            finally:
+                os.rmdir(view / "upper")
+            return
+        sizelimit.mount_image(volume.image, view)
+        try:
+            with suppress(FileExistsError):
+                os.mkdir(view / "upper", 0o755)
+            yield view / "upper"
+        finally:
+            kernel.unmount(view)
     finally:
         os.rmdir(view)

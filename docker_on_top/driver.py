@@ -54,7 +54,7 @@ class Driver:
             if volume.exists():
                 raise UserError("volume already exists")
             VolumeSnapshots(self.store, self.releases).clone(
-                volume, asked.origin, volatile=asked.volatile
+                volume, asked.origin, volatile=asked.volatile, size_limit=asked.size_limit
             )
             return
         assert asked.metadata is not None
@@ -95,6 +95,9 @@ class Driver:
                     Layers=len(metadata.layers),
                     Origin=metadata.origin or "",
                 )
+            if metadata.size_limit is not None:
+                used, limit = overlay.storage_usage(volume, metadata)
+                status.update(Size=used, SizeLimit=limit)
         mounts = 0
         try:
             mounts = sum(usage_count(volume, i) or 0 for i in volume.records.ids())

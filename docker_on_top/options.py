@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kernel
+from . import kernel, sizelimit
 from .errors import UserError
 from .layers import MAX_LOWER_LAYERS
 from .store import VolumeStore
@@ -24,7 +24,8 @@ _FALSE_WORDS = frozenset({"false", "no"})
 _UPPER_BASE = re.compile(r"base\.([1-9][0-9]*)")
 _KNOWN = (
     "the options are 'base' (required), 'base.1', 'base.2', ... (more bases, stacked "
-    "above it), 'volatile', and 'from' (a clone, instead of bases)"
+    "above it), 'volatile', 'from' (a clone, instead of bases) and 'size' (a limit on "
+    "the changes)"
 )
 
 
@@ -35,6 +36,7 @@ class Creation:
     volatile: bool
     metadata: Metadata | None = None
     origin: str | None = None
+    size_limit: int | None = None
 
 
 def creation(store: VolumeStore, options: Mapping[str, str]) -> Creation:
@@ -43,13 +45,14 @@ def creation(store: VolumeStore, options: Mapping[str, str]) -> Creation:
         upper = _UPPER_BASE.fullmatch(option)
         if upper is not None:
             numbers.append(int(upper.group(1)))
-        elif option not in ("base", "volatile", "from"):
+        elif option not in ("base", "volatile", "from", "size"):
             raise UserError(f"invalid option {option!r}: {_KNOWN}")
     volatile = parse_volatile(options.get("volatile", "false"))
+    size_limit = parse_size_option(options["size"]) if "size" in options else None
     if "from" in options:
         if "base" in options or numbers:
             raise UserError("`from` and `base` exclude each other: a clone brings its bases along")
-        return Creation(volatile=volatile, origin=options["from"])
+        return Creation(volatile=volatile, origin=options["from"], size_limit=size_limit)
     numbers.sort()
     if numbers != list(range(1, len(numbers) + 1)):
         raise UserError(
@@ -65,8 +68,9 @@ def creation(store: VolumeStore, options: Mapping[str, str]) -> Creation:
         volatile=volatile,
         created_at=rfc3339(time.time()),
         upper_bases=tuple(checked_base(store, options[f"base.{n}"], f"base.{n}") for n in numbers),
+        size_limit=size_limit,
     )
-    return Creation(volatile=volatile, metadata=metadata)
+    return Creation(volatile=volatile, metadata=metadata, size_limit=size_limit)
 
 
 def checked_base(store: VolumeStore, base: str | None, option: str = "base") -> str:
@@ -109,6 +113,16 @@ def checked_base(store: VolumeStore, base: str | None, option: str = "base") -> 
             "and overlayfs refuses layers inside one another"
         )
     return base
+
+
+def parse_size_option(value: str) -> int:
+    """`-o size=`: bytes, with k, M, G or T (powers of 1024, any case) and an optional B."""
+    try:
+        size = sizelimit.parse_size(value)
+        sizelimit.check_size(size)
+    except ValueError as error:
+        raise UserError(f"option `size`: {error}") from None
+    return size
 
 
 def parse_volatile(value: str) -> bool:

@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from . import kernel
+from . import kernel, overlay
 from .commands import VIEW_PREFIX
 from .errors import InternalError, PluginError
 from .releases import PendingReleases
@@ -53,6 +53,7 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
         try:
             volume.mountpoint.rmdir()
         except FileNotFoundError:
+            _release_storage(volume)
             report.clean.append(volume.name)
             continue
         except OSError as error:
@@ -72,6 +73,7 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
                 volume.records.clear()
                 volume.write_unreleased({})
                 volume.remove_mount_folders()
+                overlay.release_storage(volume)
         except OSError as error:
             raise InternalError(f"cannot recover volume {volume.name}", error) from error
         report.cleaned.append(volume.name)
@@ -102,6 +104,15 @@ def _settle_snapshot(store: VolumeStore, volume: Volume) -> None:
         log.warning(
             "volume %s: cannot settle a snapshot that was cut short: %s", volume.name, error
         )
+
+
+def _release_storage(volume: Volume) -> None:
+    """A sized volume's storage left mounted with no overlay over it (a crash between
+    the two unmounts): unmounted, so that nothing stays attached."""
+    try:
+        overlay.release_storage(volume)
+    except OSError as error:
+        log.warning("volume %s: cannot unmount its storage: %s", volume.name, error)
 
 
 def _remove_views(store: VolumeStore) -> None:

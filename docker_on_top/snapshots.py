@@ -70,6 +70,11 @@ class VolumeSnapshots:
 
     def _snapshot(self, volume: Volume, metadata: Metadata, name: str | None) -> str:
         """Under the volume's lock (nobody using it) and the layer store's."""
+        if metadata.size_limit is not None:
+            raise UserError(
+                f"volume {volume.name} has a size limit: its changes live in an image of "
+                "their own, and snapshots of such a volume are not supported yet"
+            )
         taken = {snapshot.name for snapshot in metadata.snapshots}
         if name is None:
             name = _free_name(_timestamp_name(), taken)
@@ -173,7 +178,9 @@ class VolumeSnapshots:
                 raise InternalError("failed to destroy the snapshot", error) from error
         log.info("volume %s: snapshot %s destroyed", volume_name, name)
 
-    def clone(self, volume: Volume, reference: str, *, volatile: bool) -> None:
+    def clone(
+        self, volume: Volume, reference: str, *, volatile: bool, size_limit: int | None = None
+    ) -> None:
         """Make `volume` a new volume whose content starts as `reference`'s (VOLUME@NAME,
         or VOLUME: a snapshot of it is taken first, refused while it is in use)."""
         origin_name, name = parse_reference(reference)
@@ -182,12 +189,14 @@ class VolumeSnapshots:
             held = unused(self.store, self.releases, origin, "a clone's snapshot")
             with held as metadata, self._layers_locked():
                 name = self._snapshot(origin, metadata, None)
-                self._make_clone(volume, origin, name, volatile=volatile)
+                self._make_clone(volume, origin, name, volatile, size_limit)
             return
         with self._layers_locked():
-            self._make_clone(volume, origin, name, volatile=volatile)
+            self._make_clone(volume, origin, name, volatile, size_limit)
 
-    def _make_clone(self, volume: Volume, origin: Volume, name: str, *, volatile: bool) -> None:
+    def _make_clone(
+        self, volume: Volume, origin: Volume, name: str, volatile: bool, size_limit: int | None
+    ) -> None:
         """Under the layer store's lock, so that no layer the clone lists goes meanwhile."""
         metadata = self.store.metadata(origin)
         snapshot = _snapshot_named(origin, metadata, name)
@@ -206,6 +215,7 @@ class VolumeSnapshots:
                 upper_bases=metadata.upper_bases,
                 layers=layers,
                 origin=f"{origin.name}@{name}",
+                size_limit=size_limit,
             ),
         )
         log.info("volume %s: a clone of %s@%s", volume.name, origin.name, name)

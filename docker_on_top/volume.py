@@ -9,6 +9,10 @@ Layout (shared with docker-on-top v0.1.2, so either plugin can run on the same r
     <root>/<name>/mountpoint/       where the overlay is mounted, only while mounted
     <root>/<name>/busy.json         what holds the lock for long work (ours only), while it does
     <root>/<name>/snapshot.json     the layer a snapshot moves upper/ into (ours), while it does
+    <root>/<name>/usage.json        what a sized volume's storage held at its last unmount (ours)
+    <root>/<name>/size.img          a sized volume's changes (ours): an ext4 image, in place
+                                    of upper/; mounted on limit/ while the volume is (a
+                                    volatile one: a tmpfs there instead)
     <root>/<name>/unreleased.json   releases still to apply (ours only), when some failed
 
 The invariant everything else follows: a record in `activemounts/` guarantees a user
@@ -35,7 +39,7 @@ from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
-from . import changes, kernel
+from . import changes, kernel, sizelimit
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,9 @@ class Metadata:
     layers: tuple[str, ...] = ()  # frozen layers over the bases, bottom first (ids)
     snapshots: tuple[Snapshot, ...] = ()  # oldest first
     origin: str | None = None  # VOLUME@NAME a clone was made from
+    # Bytes the volume's own changes may hold (`-o size=`): they live in an ext4 image
+    # of that size (`size.img`), or for a volatile volume a tmpfs, mounted on `limit/`.
+    size_limit: int | None = None
 
     @property
     def bases(self) -> tuple[str, ...]:
@@ -76,7 +83,13 @@ class Metadata:
 
     @property
     def in_go_format(self) -> bool:
-        return not (self.upper_bases or self.layers or self.snapshots or self.origin)
+        return not (
+            self.upper_bases
+            or self.layers
+            or self.snapshots
+            or self.origin
+            or self.size_limit is not None
+        )
 
     def to_json(self) -> bytes:
         document: dict[str, object] = {
@@ -94,6 +107,8 @@ class Metadata:
             ]
         if self.origin is not None:
             document["Origin"] = self.origin
+        if self.size_limit is not None:
+            document["SizeLimit"] = self.size_limit
         return json.dumps(document, separators=(",", ":")).encode()
 
     @classmethod
@@ -125,6 +140,11 @@ class Metadata:
         origin = document.get("Origin")
         if origin is not None and not _is_text(origin):
             raise ValueError("metadata.json has an Origin that is not a string")
+        size_limit = document.get("SizeLimit")
+        if size_limit is not None and (
+            not isinstance(size_limit, int) or isinstance(size_limit, bool) or size_limit < 1
+        ):
+            raise ValueError("metadata.json has a SizeLimit that is not a number of bytes")
         return cls(
             base_dir=bases[0],
             volatile=volatile,
@@ -133,6 +153,7 @@ class Metadata:
             layers=tuple(layers),
             snapshots=tuple(Snapshot(s["Name"], s["Layer"], s["CreatedAt"]) for s in snapshots),
             origin=origin,
+            size_limit=size_limit,
         )
 
 
@@ -346,13 +367,41 @@ class Volume:
         """
         self.folder.mkdir()
         try:
-            self.upper.mkdir()
+            if metadata.size_limit is None:
+                self.upper.mkdir()
+            elif not metadata.volatile:
+                sizelimit.make_image(self.image, metadata.size_limit)
             self.records.make()
             self.write_metadata(metadata)
             fsync_directory(self.folder.parent)
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
+
+    @cached_property
+    def limit(self) -> Path:
+        """Where a sized volume's storage is mounted while the volume is."""
+        return Path(f"{self.location}/limit")
+
+    @cached_property
+    def image(self) -> Path:
+        return Path(f"{self.location}/size.img")
+
+    def record_usage(self, usage: tuple[int, int]) -> None:
+        """What a sized volume's storage held when it was last unmounted (for Get)."""
+        write_atomically(
+            f"{self.location}/usage.json",
+            json.dumps({"Used": usage[0], "Limit": usage[1]}).encode(),
+            f"{self.location}/.usage.json.tmp",
+            durable=False,
+        )
+
+    def recorded_usage(self) -> tuple[int, int] | None:
+        try:
+            recorded = json.loads(read_file(f"{self.location}/usage.json"))
+            return int(recorded["Used"]), int(recorded["Limit"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @cached_property
     def snapshot_intent(self) -> Path:
@@ -451,8 +500,9 @@ class Volume:
         os.rename(self.folder, doomed)
         shutil.rmtree(doomed)
 
-    def make_mount_folders(self) -> list[Path]:
-        """Create `mountpoint/` and an empty `workdir/`; returns the folders this call made.
+    def make_mount_folders(self, *, workdir: bool = True) -> list[Path]:
+        """Create `mountpoint/` and an empty `workdir/` (unless a sized volume keeps it
+        in its storage); returns the folders this call made.
 
         A leftover mountpoint is reused. A leftover workdir is emptied: it holds only the
         kernel's scratch files, and those of a volatile overlay make the next mount fail.
@@ -464,13 +514,14 @@ class Volume:
                 created.append(self.mountpoint)
             except FileExistsError:
                 log.warning("volume %s: reusing the leftover %s", self.name, self.mountpoint)
-            try:
-                self.workdir.mkdir()
-            except FileExistsError:
-                log.warning("volume %s: emptying the leftover %s", self.name, self.workdir)
-                shutil.rmtree(self.workdir)
-                self.workdir.mkdir()
-            created.append(self.workdir)
+            if workdir:
+                try:
+                    self.workdir.mkdir()
+                except FileExistsError:
+                    log.warning("volume %s: emptying the leftover %s", self.name, self.workdir)
+                    shutil.rmtree(self.workdir)
+                    self.workdir.mkdir()
+                created.append(self.workdir)
         except OSError:
             self.remove_folders(created)
             raise

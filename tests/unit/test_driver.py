@@ -69,8 +69,8 @@ def test_create_refuses_a_name_too_long_for_a_file(driver: Driver, base: Path) -
 
 
 def test_create_names_an_unknown_option(driver: Driver, base: Path) -> None:
-    with pytest.raises(UserError, match="'size'"):
-        driver.create("v", {"base": str(base), "size": "1G"})
+    with pytest.raises(UserError, match="'quota'"):
+        driver.create("v", {"base": str(base), "quota": "1G"})
 
 
 def test_create_requires_base(driver: Driver) -> None:
