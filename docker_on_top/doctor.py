@@ -83,6 +83,12 @@ def _examine(
                 findings.append(Finding(volume.name, f"{problem}; {overlay.HELD_ON_HOST}"))
             else:
                 findings.append(Finding(volume.name, problem, fix))
+        elif kernel.is_mount_point(volume.limit):
+            if fix:
+                overlay.release_storage(volume)
+            findings.append(
+                Finding(volume.name, "its size-limited storage is mounted but unused", fix)
+            )
         return findings
     if not mounted:
         findings.append(

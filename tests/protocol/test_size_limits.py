@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, PluginClient, Workspace, mounts_at
+from .conftest import REPO, Daemon, PluginClient, Workspace, mounts_at
 
 MIB = 1 << 20
 
@@ -176,3 +176,39 @@ def test_two_instances_keep_their_own_storage(ws: Workspace, client: PluginClien
     client.unmount("v", "c1")
     client.remove("v")
     assert not any(image in backing_files() for image in images)
+
+
+def leave_storage_mounted(ws: Workspace) -> Path:
+    """What a crash between the overlay's unmount and the storage's leaves."""
+    from docker_on_top import sizelimit
+
+    folder = ws.volume("v").folder
+    (folder / "limit").mkdir()
+    sizelimit.mount_image(folder / "size.img", folder / "limit")
+    return folder
+
+
+def test_doctor_finds_and_releases_storage_no_overlay_uses(
+    ws: Workspace, client: PluginClient
+) -> None:
+    client.create("v", ws.base, size="16M")
+    folder = leave_storage_mounted(ws)
+    found = command(ws, "doctor")
+    assert "size-limited storage is mounted but unused" in found.stdout, found
+    fixed = command(ws, "doctor", "--fix")
+    assert "[fixed]" in fixed.stdout, fixed
+    assert mounts_at(folder / "limit") == [] and not (folder / "limit").exists()
+    assert str(folder / "size.img") not in backing_files()
+
+
+def test_a_restart_releases_storage_left_mounted(
+    ws: Workspace, daemon: Daemon, client: PluginClient
+) -> None:
+    client.create("v", ws.base, size="16M")
+    folder = leave_storage_mounted(ws)
+    daemon.kill()
+    ws.start()
+    assert mounts_at(folder / "limit") == []
+    assert str(folder / "size.img") not in backing_files()
+    client.mount("v", "c1")
+    client.unmount("v", "c1")
