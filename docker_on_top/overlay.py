@@ -67,6 +67,13 @@ def mount(store: VolumeStore, volume: Volume, metadata: Metadata, *, discard: bo
             _release_storage_quietly(volume)
         _remove_quietly(volume, created)
         if isinstance(error, OSError) and error.errno in (errno.ENOENT, errno.ENOTDIR):
+            missing = [layer for layer in metadata.layers if not store.layers.exists(layer)]
+            if missing:
+                raise InternalError(
+                    "failed to mount volume: its layers are gone from "
+                    f"{store.layers.folder} (was the folder removed?)",
+                    ", ".join(missing),
+                ) from error
             raise UserError(
                 "failed to mount volume: something is missing (does the base directory "
                 f"{' or '.join(metadata.bases)} exist?)"
