@@ -46,6 +46,7 @@ sys.path.insert(0, str(BENCH))
 import changes_walk  # noqa: E402
 import docker_bench  # noqa: E402
 import kernel_floor  # noqa: E402
+import layers  # noqa: E402
 import protocol  # noqa: E402
 import sized  # noqa: E402
 
@@ -446,6 +447,9 @@ def report(results: dict) -> str:
         lines += ["", f"Size limits: skipped ({limits['skipped']})"]
     elif limits:
         lines += ["", sized.report(limits)]
+    stacked = results.get("layers")
+    if stacked:
+        lines += ["", layers.report(stacked)]
     return "\n".join(lines)
 
 
@@ -568,6 +572,8 @@ def run(arguments: argparse.Namespace, workspace: Path, daemons: list[Daemon]) -
     results["changes_walk"] = changes_walk.run(10_000 if arguments.quick else 100_000)
     log("size limits: ext4 images on loop devices, sized tmpfs")
     results["sized"] = sized_part(workspace, arguments.quick)
+    log("layers: snapshot and clone of a volume with many changed files")
+    results["layers"] = layers.run(str(workspace), arguments.quick)
 
     daemon = Daemon(name, root, socket_path, workspace / "daemon.log")
     daemons.append(daemon)
