@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diff.add_argument("volume")
     diff.add_argument("--json", action="store_true", help="print JSON")
+    diff.add_argument(
+        "--since", metavar="NAME", help="since this snapshot of the volume (default: its last)"
+    )
     export = command(
         "export",
         "write a volume's changes since its last snapshot, or the layer VOLUME@NAME froze, "
@@ -366,7 +369,7 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         "inspect": lambda: print(
             json.dumps(commands.details(arguments.volume).to_json(), indent=2)
         ),
-        "diff": lambda: _diff(commands, arguments.volume, arguments.json),
+        "diff": lambda: _diff(commands, arguments.volume, arguments.json, arguments.since),
         "export": lambda: _export(commands, arguments.volume, arguments.output),
         "reset": lambda: commands.reset(arguments.volume),
         "commit": lambda: _commit(commands, arguments),
@@ -442,8 +445,8 @@ def _ls(commands: VolumeCommands, as_json: bool) -> None:
         _print_table(volumes)
 
 
-def _diff(commands: VolumeCommands, volume: str, as_json: bool) -> None:
-    found = commands.diff(volume)
+def _diff(commands: VolumeCommands, volume: str, as_json: bool, since: str | None) -> None:
+    found = commands.diff(volume, since)
     if as_json:
         print(json.dumps([{"Kind": c.kind, "Path": c.path} for c in found], indent=2))
     else:

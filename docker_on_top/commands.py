@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +22,7 @@ from .errors import InternalError, PluginError, UserError
 from .options import parse_size_option
 from .releases import PendingReleases, usage_count
 from .store import VolumeStore, parse_reference
-from .volume import Metadata, Volume
+from .volume import Metadata, Snapshot, Volume
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +104,31 @@ class VolumeCommands:
     def all_details(self) -> list[VolumeDetails]:
         return [self.details(volume.name) for volume in self.store.volumes()]
 
-    def diff(self, name: str) -> list[changes.Change]:
-        """The changes since the volume's last snapshot (against all its lower layers)."""
+    def diff(self, name: str, since: str | None = None) -> list[changes.Change]:
+        """The changes since the volume's last snapshot (against all its lower layers),
+        or since its snapshot `since`: then each later layer's changes, and the volume's
+        own, are taken in turn against what lay below them and added up path by path."""
         volume = self.store.volume(name)
         metadata = self.store.metadata(volume)
         try:
-            with (
-                _own_changes(self.store, volume, metadata) as upper,
-                _lower_view(self.store, self.store.lowers(metadata)) as below,
-            ):
-                return changes.diff(upper, below)
+            with _own_changes(self.store, volume, metadata) as upper:
+                if since is None:
+                    with _lower_view(self.store, self.store.lowers(metadata)) as below:
+                        return list(changes.diff(upper, below))
+                start = metadata.layers.index(_named_snapshot(metadata, name, since).layer) + 1
+                summed: dict[str, str] = {}
+                for index in range(start, len(metadata.layers) + 1):
+                    below_it = replace(metadata, layers=metadata.layers[:index])
+                    changed = (
+                        upper
+                        if index == len(metadata.layers)
+                        else self.store.layers.tree(metadata.layers[index])
+                    )
+                    with _lower_view(self.store, self.store.lowers(below_it)) as below:
+                        _add_up(summed, changes.diff(changed, below))
         except OSError as error:
             raise InternalError("failed to read the volume's changes", error) from error
+        return [changes.Change(kind, path) for path, kind in sorted(summed.items())]
 
     def export(self, reference: str, out: BinaryIO) -> None:
         """VOLUME: its changes since its last snapshot; VOLUME@NAME: the layer NAME froze,
@@ -128,10 +141,8 @@ class VolumeCommands:
                 with _own_changes(self.store, volume, metadata) as upper:
                     changes.export_layer(upper, out)
                 return
-            named = [s for s in metadata.snapshots if s.name == snapshot]
-            if not named:
-                raise UserError(f"volume {volume_name} has no snapshot {snapshot}")
-            changes.export_layer(self.store.layers.tree(named[0].layer), out)
+            layer = _named_snapshot(metadata, volume_name, snapshot).layer
+            changes.export_layer(self.store.layers.tree(layer), out)
         except (OSError, ValueError) as error:
             raise InternalError("failed to export the volume's changes", error) from error
 
@@ -329,3 +340,30 @@ def _own_changes(store: VolumeStore, volume: Volume, metadata: Metadata) -> Iter
             kernel.unmount(view)
     finally:
         os.rmdir(view)
+
+
+def _named_snapshot(metadata: Metadata, volume: str, name: str) -> Snapshot:
+    for snapshot in metadata.snapshots:
+        if snapshot.name == name:
+            return snapshot
+    raise UserError(f"volume {volume} has no snapshot {name}")
+
+
+def _add_up(summed: dict[str, str], later: Iterable[changes.Change]) -> None:
+    """Add the changes of a later layer to `summed` (path -> kind, against the view at
+    the snapshot). Made and then changed is still made; deleted and made again is
+    changed; made and then deleted is nothing; a deleted folder takes its content along."""
+    for change in later:
+        before = summed.get(change.path)
+        if change.kind == "D":
+            prefix = change.path + "/"
+            for path in [path for path in summed if path.startswith(prefix)]:
+                del summed[path]
+            if before == "A":
+                del summed[change.path]
+            else:
+                summed[change.path] = "D"
+        elif before == "D" or (before is None and change.kind == "C"):
+            summed[change.path] = "C"
+        elif before is None:
+            summed[change.path] = change.kind

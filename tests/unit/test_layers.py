@@ -412,3 +412,26 @@ def test_the_mount_stacks_layers_over_the_bases(driver: Driver, bases: list[Path
         assert [fs for _, fs in mounts_under(mountpoint)] == ["overlay"]
     finally:
         driver.unmount("v", ID)
+
+
+def test_diff_since_an_older_snapshot_adds_up_the_later_layers(driver: Driver, base: Path) -> None:
+    driver.create("v", {"base": str(base)})
+    write(driver, "v", {"gone-later": "1", "kept": "1", "sub/x": "1"})
+    snapshots_of(driver).snapshot("v", "one")
+    write(driver, "v", {"gone-later": None, "kept": "2", "new": "2", "a": None})
+    snapshots_of(driver).snapshot("v", "two")
+    write(driver, "v", {"new": "3", "b": "changed", "a": "again", "made-then-gone": "3"})
+    write(driver, "v", {"made-then-gone": None})
+    since_one = [(c.kind, c.path) for c in commands_of(driver).diff("v", since="one")]
+    assert since_one == [
+        ("C", "/a"),
+        ("C", "/b"),
+        ("D", "/gone-later"),
+        ("C", "/kept"),
+        ("A", "/new"),
+    ]
+    since_two = [(c.kind, c.path) for c in commands_of(driver).diff("v", since="two")]
+    assert since_two == [(c.kind, c.path) for c in commands_of(driver).diff("v")]
+    assert ("A", "/a") in since_two
+    with pytest.raises(UserError, match="no snapshot"):
+        commands_of(driver).diff("v", since="three")
