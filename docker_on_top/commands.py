@@ -19,10 +19,11 @@ from typing import BinaryIO
 
 from . import changes, kernel, overlay, sizelimit
 from .errors import InternalError, PluginError, UserError
+from .metadata import Metadata, Snapshot
 from .options import parse_size_option
 from .releases import PendingReleases, usage_count
 from .store import VolumeStore, parse_reference
-from .volume import Metadata, Snapshot, Volume
+from .volume import Volume
 
 log = logging.getLogger(__name__)
 

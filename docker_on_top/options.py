@@ -16,8 +16,8 @@ from pathlib import Path
 from . import kernel, sizelimit
 from .errors import UserError
 from .layers import MAX_LOWER_LAYERS
+from .metadata import Metadata, rfc3339
 from .store import VolumeStore
-from .volume import Metadata, rfc3339
 
 _TRUE_WORDS = frozenset({"true", "yes"})
 _FALSE_WORDS = frozenset({"false", "no"})

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from . import kernel, loopdev, sizelimit
 from .errors import InternalError, UserError
+from .metadata import Metadata
 from .store import VolumeStore
-from .volume import Metadata, Volume
+from .volume import Volume
 
 log = logging.getLogger(__name__)
 

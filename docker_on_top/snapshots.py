@@ -27,9 +27,10 @@ from .commands import unused
 from .errors import BusyError, InternalError, UserError
 from .kernel import LockTimeout
 from .layers import MAX_LOWER_LAYERS, LayerInfo, make_upper_like
+from .metadata import Metadata, Snapshot, rfc3339
 from .releases import PendingReleases
 from .store import VolumeStore, parse_reference
-from .volume import Metadata, Snapshot, Volume, rfc3339
+from .volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from . import kernel
 from .errors import BusyError, InternalError, UserError
 from .layers import LayerStore
-from .volume import NAME_MAX_BYTES, NAME_PATTERN, Metadata, MetadataCache, Volume
+from .metadata import Metadata
+from .volume import NAME_MAX_BYTES, NAME_PATTERN, MetadataCache, Volume
 
 log = logging.getLogger(__name__)
 

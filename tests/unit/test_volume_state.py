@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from docker_on_top.volume import Metadata, Volume, write_atomically
+from docker_on_top.metadata import Metadata
+from docker_on_top.volume import Volume, write_atomically
 
 
 def test_metadata_written_by_the_go_plugin_is_read() -> None:
