@@ -121,7 +121,7 @@ def pytest_collection_modifyitems(config, items):
     # ls`, and for every volume name it does not know.
     here = [i for i, item in enumerate(keep) if item.path.is_relative_to(E2E_DIR)]
     ordered = sorted((keep[i] for i in here), key=lambda item: _mode_of(item) != "managed")
-    for i, item in zip(here, ordered, strict=True):
+    for i, item in zip(here, ordered):
         keep[i] = item
     items[:] = keep
 
