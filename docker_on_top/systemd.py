@@ -58,7 +58,12 @@ def _service_command() -> tuple[list[str], str | None]:
 
 def units_to_install() -> dict[str, str]:
     """The units to install, the service's ExecStart running this installation."""
-    command, python_path = _service_command()
+    return units_running(*_service_command())
+
+
+def units_running(command: list[str], python_path: str | None = None) -> dict[str, str]:
+    """The shipped units, the service's ExecStart running `command serve` (with
+    PYTHONPATH=`python_path`, when given)."""
     service_lines = [f"ExecStart={' '.join(map(_systemd_word, [*command, 'serve']))}"]
     if python_path is not None:
         assignment = _systemd_word(f"PYTHONPATH={python_path}", command_line=False)
