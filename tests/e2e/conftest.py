@@ -8,7 +8,7 @@ Environment knobs (all optional):
   a disk filesystem that supports chattr and overlayfs upper dirs, not tmpfs).
 * ``DOT_E2E_LOG_DIR``: keep the plugin logs (one per test) and dockerd's log
   there instead of deleting them with the session folder.
-* ``DOT_E2E_DOCKERD_ARGS``: extra flags for the dockerd the harness starts.
+* ``DOT_E2E_DOCKERD_ARGS``: extra flags for the harness's dockerd.
 * ``DOT_E2E_SOURCE``: run the plugin from another checkout (default: this repo).
 * ``DOT_E2E_MODE``: ``legacy`` or ``managed`` runs the ``dot`` tests against
   that kind of plugin only.  Unset (as in CI), every ``dot`` test runs against
@@ -20,9 +20,12 @@ What the fixtures do:
 * ``host_tools`` (session): makes sure ``docker``/``dockerd``, a *static*
   busybox and ``chattr`` exist, installing ``docker.io``, ``busybox-static``
   and ``e2fsprogs`` with apt-get only when something is missing.
-* ``dockerd`` (session): uses the dockerd that answers ``docker info``; when
-  none does, starts its own (and stops exactly that process, by PID, at the
-  end).  Extra flags can be given in ``DOT_E2E_DOCKERD_ARGS``.
+* ``dockerd`` (session): always a dockerd of the tests' own, beside any other
+  that runs on the host and never touching it: its own data root, exec root,
+  socket, pid file, config file and containerd namespaces; the session's
+  ``DOCKER_HOST`` points at it, so every ``docker`` call, plugin and command of
+  the tests talks to it.  It is stopped by its PID at the end.  Extra flags can
+  be given in ``DOT_E2E_DOCKERD_ARGS``.
 * ``image`` (session): a tiny busybox image made with ``docker import``.
 * ``dot`` (function): starts ``python -m docker_on_top serve`` under a
   private driver name with a private state root, and hands the test a
@@ -69,7 +72,6 @@ E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parents[1]
 # Where the plugin's `docker_on_top` package is taken from (default: this repo).
 PLUGIN_SOURCE = Path(os.environ.get("DOT_E2E_SOURCE") or REPO_ROOT).resolve()
-DOCKER_SOCK = "/var/run/docker.sock"
 PLUGIN_DIR = "/run/docker/plugins"
 MODES = ("legacy", "managed")
 # The modules whose ``dot`` tests run against the managed plugin as well: the core
@@ -290,11 +292,14 @@ def wait_until(pred, timeout, interval=0.1):
         time.sleep(interval)
 
 
-def docker_answers():
+def docker_answers(host):
+    """True when the dockerd at `host` (a DOCKER_HOST address) answers `docker info`."""
     try:
         return (
             sh(
-                ["docker", "info", "--format", "{{.ServerVersion}}"], check=False, timeout=20
+                ["docker", "--host", host, "info", "--format", "{{.ServerVersion}}"],
+                check=False,
+                timeout=20,
             ).returncode
             == 0
         )
@@ -361,7 +366,7 @@ def host_tools():
     """Installs the Debian packages the tests need, only when something is missing."""
     require_root()
     need = []
-    if not shutil.which("docker") or (not shutil.which("dockerd") and not docker_answers()):
+    if not shutil.which("docker") or not shutil.which("dockerd"):
         need.append("docker.io")
     if not find_static_busybox():
         need.append("busybox-static")
@@ -377,29 +382,41 @@ def host_tools():
 
 
 class Dockerd:
-    """The dockerd the tests talk to; `ours` when this harness started it."""
+    """The tests' own dockerd, beside any other on the host (never one that already runs).
+
+    Everything of it is its own: data root and pid file in `workdir`, the socket that
+    DOCKER_HOST names, an exec root under /run (short: a managed plugin's socket path,
+    EXEC_ROOT/plugins/<64-hex ID>/docker-on-top.sock, must fit in a unix socket
+    address), a config file (not /etc/docker/daemon.json) and containerd namespaces
+    of its own, in case it shares a system containerd with another dockerd."""
 
     def __init__(self, workdir: Path, logs: Path):
+        tag = secrets.token_hex(3)
         self.workdir = workdir
         self.log_path = logs / "dockerd.log"
         self.pidfile = workdir / "dockerd.pid"
+        self.data_root = workdir / "data"
+        self.exec_root = Path(f"/run/dot{tag}")
+        self.host = f"unix://{workdir / 'docker.sock'}"
         self.proc = None
-        self.ours = False
+        config = workdir / "daemon.json"
+        config.write_text("{}\n")
         self.args = [
             "dockerd",
+            "--config-file", config,
+            "--data-root", self.data_root,
+            "--exec-root", self.exec_root,
+            "--pidfile", self.pidfile,
+            "--host", self.host,
+            "--containerd-namespace", f"dot-e2e-{tag}",
+            "--containerd-plugins-namespace", f"dot-e2e-{tag}-plugins",
             "--iptables=false",
             "--ip6tables=false",
             "--bridge=none",
-            "--pidfile",
-            str(self.pidfile),
-            "--host",
-            "unix://" + DOCKER_SOCK,
             *shlex.split(os.environ.get("DOT_E2E_DOCKERD_ARGS", "")),
-        ]
+        ]  # fmt: skip
 
     def log_tail(self, lines=80, important=False):
-        if not self.ours:
-            return "<dockerd was not started by the tests; see its own log>"
         text = tail(self.log_path, 100_000 if important else lines)
         if important:
             keep = [
@@ -409,12 +426,12 @@ class Dockerd:
         return text
 
     def start(self, timeout=60):
-        self.ours = True
+        args = [str(a) for a in self.args]
         with open(self.log_path, "ab") as logf:
-            logf.write(f"\n===== starting: {shlex.join(self.args)}\n".encode())
+            logf.write(f"\n===== starting: {shlex.join(args)}\n".encode())
             logf.flush()
             self.proc = subprocess.Popen(
-                self.args,
+                args,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -428,7 +445,7 @@ class Dockerd:
                     f"its log:\n{self.log_tail(200)}",
                     pytrace=False,
                 )
-            if docker_answers():
+            if docker_answers(self.host):
                 return
             time.sleep(0.5)
         self.stop()
@@ -450,9 +467,14 @@ class Dockerd:
         self.proc = None
 
     def restart(self):
-        assert self.ours, "can only restart a dockerd that the tests started"
         self.stop()
         self.start()
+
+    def remove(self):
+        """After stop: what it left mounted (layers, network namespaces), its exec root."""
+        for folder in (self.data_root, self.exec_root):
+            unmount_all_under(folder)
+        shutil.rmtree(self.exec_root, ignore_errors=True)
 
     @staticmethod
     def _children(pid):
@@ -465,17 +487,21 @@ class Dockerd:
 
 @pytest.fixture(scope="session")
 def dockerd(host_tools, e2e_tmp):
-    d = Dockerd(e2e_tmp, log_dir(e2e_tmp))
-    if docker_answers():
-        yield d  # somebody else's dockerd: use it, leave it alone
-        return
-    if not shutil.which("dockerd"):
-        pytest.fail("`docker info` does not answer and there is no dockerd to start")
-    d.start()
+    folder = e2e_tmp / "dockerd"
+    folder.mkdir()
+    d = Dockerd(folder, log_dir(e2e_tmp))
+    previous = os.environ.get("DOCKER_HOST")
+    os.environ["DOCKER_HOST"] = d.host
     try:
+        d.start()
         yield d
     finally:
         d.stop()
+        d.remove()
+        if previous is None:
+            del os.environ["DOCKER_HOST"]
+        else:
+            os.environ["DOCKER_HOST"] = previous
 
 
 def write_busybox_rootfs(bb, tar_path):
@@ -689,7 +715,7 @@ class ManagedPlugin(Plugin):
         super().__init__(managed.name, managed.root, None, dockerd.log_path)
         self.managed = managed
         self.dockerd = dockerd
-        self._log_start = dockerd.log_path.stat().st_size if dockerd.ours else 0
+        self._log_start = dockerd.log_path.stat().st_size
         self._emptied = False
 
     @property
@@ -726,10 +752,6 @@ class ManagedPlugin(Plugin):
             self.problems.append(f"the managed plugin could not be disabled: {res.stderr.strip()}")
 
     def log(self, lines=300):
-        if not self.dockerd.ours:
-            return (
-                "<the managed plugin logs to dockerd's log; dockerd was not started by the tests>"
-            )
         with open(self.dockerd.log_path, "rb") as f:
             f.seek(self._log_start)
             text = f.read().decode(errors="replace")
@@ -1057,11 +1079,10 @@ def dot(request, dockerd, image, e2e_tmp, driver_name, plugin_class):
         )
         if failed or notes or plugin.problems:
             sys.stderr.write(f"\n===== plugin log ({plugin.log_path}) =====\n{plugin.log()}\n")
-            if dockerd.ours:
-                sys.stderr.write(
-                    "\n===== dockerd log (warnings and errors) =====\n"
-                    f"{dockerd.log_tail(40, important=True)}\n"
-                )
+            sys.stderr.write(
+                "\n===== dockerd log (warnings and errors) =====\n"
+                f"{dockerd.log_tail(40, important=True)}\n"
+            )
         for n in notes:
             sys.stderr.write(f"teardown note: {n}\n")
         if plugin.problems:

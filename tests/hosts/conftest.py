@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from .debian import SUITES, cached_root
 
-@pytest.fixture(autouse=True)
-def _host_tools() -> None:
+
+@pytest.fixture(scope="session", autouse=True)
+def debian_roots() -> None:
+    """The host tools, then every suite's root, built side by side the first time (the
+    downloads overlap)."""
     missing = [tool for tool in ("debootstrap", "chroot", "dpkg-deb") if not shutil.which(tool)]
     problem = "needs root" if os.geteuid() != 0 else ""
     if missing:
@@ -23,3 +28,6 @@ def _host_tools() -> None:
         if os.environ.get("CI"):
             pytest.fail(problem)
         pytest.skip(problem)
+    with ThreadPoolExecutor(len(SUITES)) as pool:
+        for root in pool.map(cached_root, SUITES):
+            assert root.is_dir()

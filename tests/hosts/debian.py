@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -156,7 +155,3 @@ def _bind(source: Path, target: Path) -> None:
     # A bind joins the peer group of its source: leave it, or mounts made below it in
     # the chroot would show in the host's /dev or /var/tmp too.
     subprocess.run(["mount", "--make-private", str(target)], check=True)
-
-
-def running_as_root() -> bool:
-    return os.geteuid() == 0
