@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from .conftest import plugin_call, wait_until
+from ..harness.commands import wait_until
+from .conftest import plugin_call
 
 pytestmark = pytest.mark.e2e
 
