@@ -34,6 +34,7 @@ PACKAGES = ("python3", "python3-pytest", "e2fsprogs")
 ROOT_FORMAT = 1
 # Where the checkout is copied inside a root.
 SOURCE = "/src"
+DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 DEBOOTSTRAP_TIMEOUT_S = 900
 RUN_TIMEOUT_S = 600
 # Not copied into a root: caches and build output of the host's runs.
@@ -54,9 +55,12 @@ def cached_root(suite: str) -> Path:
     unmount_all_under(partial)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    # An older debootstrap (Ubuntu 22.04's) may not know the suite yet; sid's script,
+    # which every Debian suite's links to, makes it.
+    script = [] if (DEBOOTSTRAP_SCRIPTS / suite).exists() else [str(DEBOOTSTRAP_SCRIPTS / "sid")]
     subprocess.run(
         ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-         suite, str(partial), MIRROR],
+         suite, str(partial), MIRROR, *script],
         check=True, timeout=DEBOOTSTRAP_TIMEOUT_S, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     # What apt downloaded is of no use once installed.
