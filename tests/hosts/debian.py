@@ -25,8 +25,11 @@ from ..mounts import mounts_under, unmount_all_under
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/cache/docker-on-top")
 MIRROR = "http://deb.debian.org/debian"
-# Suite and the python3 it ships: the oldest and newest Python the package supports.
-SUITES = {"bullseye": (3, 9), "trixie": (3, 13)}
+# Suite and the python3 it ships: Debian 11, 12 and 13.
+SUITES = {"bullseye": (3, 9), "bookworm": (3, 11), "trixie": (3, 13)}
+# Where the unit and protocol suites run too: the oldest and newest Python the package
+# supports (Debian 12's python3 runs the whole suite on the CI host).
+TEST_SUITES = ("bullseye", "trixie")
 # The interpreter with Debian's own pytest; e2fsprogs for chattr (not in trixie's
 # minbase), and what the unit tests run: cp, tar, mount (minbase has them).
 PACKAGES = ("python3", "python3-pytest", "e2fsprogs")

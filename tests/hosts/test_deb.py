@@ -1,5 +1,5 @@
-"""The .deb (packaging/deb/build.py), installed with dpkg -i into Debian 11 and 13 roots
-that have nothing but their python3 (SPEC B10): the command, the package where that
+"""The .deb (packaging/deb/build.py), installed with dpkg -i into Debian 11, 12 and 13
+roots with their own python3 (SPEC B10): the command, the package where that
 python3 finds it, the units, a daemon run from it serving a real overlay, and removal,
 upgrade and purge leaving the volumes alone."""
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from .debian import SOURCE, SUITES, chroot_of
+from .debian import SOURCE, SUITES, TEST_SUITES, chroot_of
 
 
-@pytest.mark.parametrize("suite", sorted(SUITES))
+@pytest.mark.parametrize("suite", TEST_SUITES)
 def test_b10_unit_and_protocol_suites_pass_under_the_distributions_python3(suite: str) -> None:
     with chroot_of(suite) as root:
         found = root.run(["python3", "-c", "import sys; print(*sys.version_info[:2])"])
