@@ -1,7 +1,8 @@
 """Installing the daemon as a systemd service with socket activation.
 
 The units live in the package (`units/`, also shipped as packaging/systemd/); the
-installed service gets its ExecStart pointed at this installation.
+installed service gets its ExecStart pointed at this installation (the .deb's builder
+points it at /usr/bin/docker-on-top with `units_running`).
 """
 
 from __future__ import annotations
