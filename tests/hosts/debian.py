@@ -14,13 +14,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..mounts import mounts_under, unmount_all_under
+from ..protocol.conftest import PluginClient, socket_answers
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path("/var/cache/docker-on-top")
@@ -40,6 +43,7 @@ SOURCE = "/src"
 DEBOOTSTRAP_SCRIPTS = Path("/usr/share/debootstrap/scripts")
 DEBOOTSTRAP_TIMEOUT_S = 900
 RUN_TIMEOUT_S = 600
+START_TIMEOUT_S = 20.0
 # Not copied into a root: caches and build output of the host's runs.
 _NOT_COPIED = shutil.ignore_patterns(
     ".git", "__pycache__", ".*_cache", ".hypothesis", "build", "dist", "*.egg-info"
@@ -101,14 +105,42 @@ class Chroot:
         )  # fmt: skip
 
     def popen(
-        self, command: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None
+        self, command: Sequence[str], *, log: Path, cwd: str = "/"
     ) -> subprocess.Popen[bytes]:
         """`command` started inside the root, its output going to `log` (a host path)."""
         with open(log, "wb") as out:
             return subprocess.Popen(
-                ["chroot", str(self.path), "/usr/bin/env", "-i", *_environment(env), *command],
+                ["chroot", str(self.path), "/usr/bin/env", "-C", cwd, "-i", *_environment(None),
+                 *command],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
+
+
+class DaemonInRoot:
+    """The daemon started inside a root by `command`, serving on `socket` (a path in the
+    root), which the host's `client` reaches."""
+
+    def __init__(self, root: Chroot, command: Sequence[str], socket: str, cwd: str = "/") -> None:
+        self.log = root.tmp / "daemon.log"
+        self.process = root.popen(command, log=self.log, cwd=cwd)
+        self.client = PluginClient(root.host_path(socket))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not socket_answers(self.client.socket_path):
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM; it must exit cleanly."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(20) == 0, self.log.read_text()
+
+    def close(self) -> None:
+        """Killed, if a failed test left it running."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(20)
 
 
 def _environment(extra: Mapping[str, str] | None) -> list[str]:

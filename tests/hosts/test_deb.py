@@ -6,10 +6,8 @@ upgrade and purge leaving the volumes alone."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +17,7 @@ from docker_on_top import __version__
 from docker_on_top.systemd import units_running
 
 from ..mounts import mounts_under
-from ..protocol.conftest import PluginClient, socket_answers
-from .debian import SUITES, Chroot, chroot_of
+from .debian import SUITES, Chroot, DaemonInRoot, chroot_of
 
 REPO = Path(__file__).resolve().parents[2]
 COMMAND = "/usr/bin/docker-on-top"
@@ -34,7 +31,6 @@ ENABLED_LINK = "/etc/systemd/system/sockets.target.wants/docker-on-top.socket"
 RECORDING_SYSTEMCTL = """#!/bin/sh
 echo "$*" >> /tmp/systemctl.calls
 """
-START_TIMEOUT_S = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -102,36 +98,15 @@ def tree(folder: Path) -> dict[str, bytes | None]:
     return found
 
 
-class PackagedDaemon:
-    """The daemon run from the package's command inside the root, with its defaults."""
-
-    def __init__(self, root: Chroot) -> None:
-        self.root = root
-        self.log = root.tmp / "daemon.log"
-        self.process = root.popen([COMMAND, "serve", "--log-level", "debug"], log=self.log)
-        self.client = PluginClient(root.host_path(SOCKET))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not socket_answers(self.client.socket_path):
-            assert self.process.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(20) == 0, self.log.read_text()
-
-
 @pytest.fixture
-def daemon(root: Chroot, deb: Path) -> Iterator[PackagedDaemon]:
+def daemon(root: Chroot, deb: Path) -> Iterator[DaemonInRoot]:
+    """The daemon run from the package's command inside the root, with its defaults."""
     install(root, deb)
-    started = PackagedDaemon(root)
+    started = DaemonInRoot(root, [COMMAND, "serve", "--log-level", "debug"], SOCKET)
     try:
         yield started
     finally:
-        if started.process.poll() is None:
-            started.process.kill()
-            started.process.wait(20)
+        started.close()
 
 
 def make_base(root: Chroot) -> str:
@@ -160,7 +135,7 @@ def test_b10_deb_installs_the_command_the_package_and_the_units(root: Chroot, de
 
 
 def test_b10_daemon_from_the_deb_serves_a_volume_and_removal_keeps_the_state(
-    root: Chroot, daemon: PackagedDaemon
+    root: Chroot, daemon: DaemonInRoot
 ) -> None:
     client, base = daemon.client, make_base(root)
     client.create("once", base)
@@ -189,7 +164,7 @@ def test_b10_daemon_from_the_deb_serves_a_volume_and_removal_keeps_the_state(
 
 
 def test_b10_upgrade_keeps_volumes_mounted_and_restarts_only_the_service(
-    root: Chroot, deb: Path, daemon: PackagedDaemon
+    root: Chroot, deb: Path, daemon: DaemonInRoot
 ) -> None:
     calls = pretend_systemd_runs(root)
     client = daemon.client
