@@ -1,11 +1,18 @@
-# The README's commands. `make test` installs what the tests need, then runs them all.
+# Conveniences only: the README's commands need no make. `make run` and `make test` are
+# exactly the README's two set-up commands.
 PYTHON ?= python3
 
-.PHONY: run test bench plugin
+.PHONY: run test deb bench plugin
 
 run:
-	$(PYTHON) -m pip install -q --root-user-action=ignore .
-	docker-on-top
+	$(PYTHON) -m docker_on_top
+
+test:
+	./scripts/test
+
+# dist/docker-on-top_VERSION_all.deb (dpkg-deb only); see packaging/deb/build.py.
+deb:
+	$(PYTHON) packaging/deb/build.py
 
 # The managed plugin (as root, with dockerd running): builds build/plugin (config.json and a
 # Debian rootfs with Python, cached under /var/cache/docker-on-top), then `docker plugin
@@ -14,13 +21,6 @@ PLUGIN ?= docker-on-top
 
 plugin:
 	$(PYTHON) packaging/plugin/build.py --install $(PLUGIN)
-
-test:
-	./scripts/install-test-deps
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m mypy
-	$(PYTHON) -m pytest -ra tests
 
 # Benchmarks (needs root): prints a table, writes bench/results/latest.json; never fails on
 # the figures. The docker-level part uses the dockerd that answers `docker info`, else it

@@ -208,8 +208,7 @@ def run(
                     samples[kind].append(seconds)
         medians = {kind: statistics.median(values) for kind, values in samples.items()}
         paired = [
-            plugin - local
-            for plugin, local in zip(samples["plugin"], samples["local_overlay"], strict=True)
+            plugin - local for plugin, local in zip(samples["plugin"], samples["local_overlay"])
         ]
         return {
             "dockerd": version,

@@ -508,7 +508,7 @@ class Bench:
                     ],
                 )
             mount_walls.append(wall)
-            for (name, _), (status, body) in zip(targets, replies, strict=True):
+            for (name, _), (status, body) in zip(targets, replies):
                 if not self._note(f"burst Mount {name}", status, body):
                     failures += 1
                     continue
@@ -530,7 +530,7 @@ class Bench:
                     ],
                 )
             unmount_walls.append(wall)
-            for (name, _), (status, body) in zip(targets, replies, strict=True):
+            for (name, _), (status, body) in zip(targets, replies):
                 if not self._note(f"burst Unmount {name}", status, body):
                     failures += 1
             for name in ids_by_volume:

@@ -555,7 +555,7 @@ def run(arguments: argparse.Namespace, workspace: Path, daemons: list[Daemon]) -
     root = workspace / "root"
     socket_path = workspace / "p.sock"
     results: dict = {
-        "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(workspace),
         "reference_go": {
             "note": "the Go original v0.1.2 measured on this kind of machine with the same kind "

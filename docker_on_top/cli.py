@@ -183,12 +183,15 @@ def _stderr_is_journal() -> bool:
     return expected == f"{found.st_dev}:{found.st_ino}"
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, *, timestamps: bool = True) -> None:
+    """Log to stderr; `timestamps` off where the reader adds its own (dockerd's log of a
+    managed plugin). Under journald, its levels and timestamps."""
     handler = logging.StreamHandler(sys.stderr)
     if _stderr_is_journal():
         handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        when = "%(asctime)s " if timestamps else ""
+        handler.setFormatter(logging.Formatter(f"{when}%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
@@ -210,7 +213,8 @@ def _inherited_socket() -> socket.socket | None:
 
 
 def serve(settings: Settings) -> int:
-    setup_logging(settings.log_level)
+    # A managed plugin (host root set) logs into dockerd's log, which stamps each line.
+    setup_logging(settings.log_level, timestamps=settings.host_root is None)
     store = VolumeStore(settings.root, settings.host_root)
     releases = PendingReleases()
     server = PluginServer(Driver(store, releases), settings.socket)
@@ -393,6 +397,11 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 def _doctor(commands: VolumeCommands, driver_name: str, arguments: argparse.Namespace) -> int:
+    # dockerd names a managed plugin's driver NAME:TAG in its containers' mounts.
+    managed = docker_api.managed_plugin_of(commands.store.root)
+    if managed is not None:
+        print(f"docker-on-top: state root of managed plugin {managed}", file=sys.stderr)
+        driver_name = managed
     users = docker_api.volume_users(driver_name)
     if users is None:
         print(

@@ -1,4 +1,5 @@
-"""dockerd's API on its unix socket: which containers run, and a look-up of our driver.
+"""dockerd's API on its unix socket: which containers run, which managed plugin owns a
+state root, and a look-up of our driver.
 
 Used by `doctor` to tell stale usage records from real ones, and at start-up to make
 dockerd register the driver. Only reads; a dockerd that does not answer is no error,
@@ -75,6 +76,26 @@ def volume_users(
             if mount.get("Type") == "volume" and mount.get("Driver") == driver_name:
                 users[mount.get("Name", "")] += 1
     return users
+
+
+def managed_plugin_of(root: Path, *, path: Path | None = None, timeout: float = 5.0) -> str | None:
+    """The driver name (NAME:TAG) of the managed plugin whose state root is `root`, the
+    propagated mount DATA_ROOT/plugins/ID/propagated-mount; None when `root` is not one
+    or dockerd cannot tell."""
+    if root.name != "propagated-mount" or root.parent.parent.name != "plugins":
+        return None
+    plugin_id = root.parent.name
+    try:
+        status, body = _get(path or api_socket(), "/plugins", timeout)
+        plugins = json.loads(body) if status == 200 else []
+    except (OSError, ValueError) as error:
+        log.info("dockerd cannot be asked which plugin owns %s: %s", root, error)
+        return None
+    for plugin in plugins if isinstance(plugins, list) else []:
+        if isinstance(plugin, dict) and plugin.get("Id") == plugin_id:
+            name = plugin.get("Name")
+            return name if isinstance(name, str) and name else None
+    return None
 
 
 def register_driver(

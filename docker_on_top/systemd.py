@@ -1,7 +1,8 @@
 """Installing the daemon as a systemd service with socket activation.
 
 The units live in the package (`units/`, also shipped as packaging/systemd/); the
-installed service gets its ExecStart pointed at this installation.
+installed service gets its ExecStart pointed at this installation (the .deb's builder
+points it at /usr/bin/docker-on-top with `units_running`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ def _service_command() -> tuple[list[str], str | None]:
 
 def units_to_install() -> dict[str, str]:
     """The units to install, the service's ExecStart running this installation."""
-    command, python_path = _service_command()
+    return units_running(*_service_command())
+
+
+def units_running(command: list[str], python_path: str | None = None) -> dict[str, str]:
+    """The shipped units, the service's ExecStart running `command serve` (with
+    PYTHONPATH=`python_path`, when given)."""
     service_lines = [f"ExecStart={' '.join(map(_systemd_word, [*command, 'serve']))}"]
     if python_path is not None:
         assignment = _systemd_word(f"PYTHONPATH={python_path}", command_line=False)

@@ -88,7 +88,10 @@ def apply_oci_layer(layer: bytes, root: Path) -> None:
             target = root / member.name
             if not (member.isdir() and target.is_dir() and not target.is_symlink()):
                 remove(target)
-            tar.extract(member, root, numeric_owner=True, filter="fully_trusted")
+            # Interpreters without extraction filters (Debian 11's 3.9.2, Debian 12's
+            # 3.11.2) extract everything as it is, which is what fully_trusted asks.
+            trust = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+            tar.extract(member, root, numeric_owner=True, **trust)
             for key, value in member.pax_headers.items():
                 if key.startswith("SCHILY.xattr."):
                     os.setxattr(

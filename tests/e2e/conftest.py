@@ -1,6 +1,8 @@
-"""End-to-end harness: the plugin under a real dockerd.
+"""End-to-end fixtures: the plugin under a real dockerd of the tests' own.
 
-Run: ``python3 -m pytest tests/e2e -m e2e`` as root.
+Run: ``python3 -m pytest tests/e2e -m e2e`` as root.  The machinery they share with
+the Podman, socket-activation and Swarm modules (commands with timeouts, the private
+dockerd, the busybox image) is in tests/harness/; the fixtures are here.
 
 Environment knobs (all optional):
 
@@ -8,7 +10,7 @@ Environment knobs (all optional):
   a disk filesystem that supports chattr and overlayfs upper dirs, not tmpfs).
 * ``DOT_E2E_LOG_DIR``: keep the plugin logs (one per test) and dockerd's log
   there instead of deleting them with the session folder.
-* ``DOT_E2E_DOCKERD_ARGS``: extra flags for the dockerd the harness starts.
+* ``DOT_E2E_DOCKERD_ARGS``: extra flags for the harness's dockerd.
 * ``DOT_E2E_SOURCE``: run the plugin from another checkout (default: this repo).
 * ``DOT_E2E_MODE``: ``legacy`` or ``managed`` runs the ``dot`` tests against
   that kind of plugin only.  Unset (as in CI), every ``dot`` test runs against
@@ -20,9 +22,12 @@ What the fixtures do:
 * ``host_tools`` (session): makes sure ``docker``/``dockerd``, a *static*
   busybox and ``chattr`` exist, installing ``docker.io``, ``busybox-static``
   and ``e2fsprogs`` with apt-get only when something is missing.
-* ``dockerd`` (session): uses the dockerd that answers ``docker info``; when
-  none does, starts its own (and stops exactly that process, by PID, at the
-  end).  Extra flags can be given in ``DOT_E2E_DOCKERD_ARGS``.
+* ``dockerd`` (session): always a dockerd of the tests' own, beside any other
+  that runs on the host and never touching it: its own data root, exec root,
+  socket, pid file, config file and containerd namespaces; the session's
+  ``DOCKER_HOST`` points at it, so every ``docker`` call, plugin and command of
+  the tests talks to it.  It is stopped by its PID at the end.  Extra flags can
+  be given in ``DOT_E2E_DOCKERD_ARGS``.
 * ``image`` (session): a tiny busybox image made with ``docker import``.
 * ``dot`` (function): starts ``python -m docker_on_top serve`` under a
   private driver name with a private state root, and hands the test a
@@ -39,8 +44,8 @@ What the fixtures do:
   after; its log is read from dockerd's.
 
 Everything here talks to docker through the ``docker`` CLI (subprocess, with
-a timeout on every call).  Nothing is ever stopped by name: only processes this
-harness started, by their PID.
+a timeout on every call), to the session's dockerd through ``DOCKER_HOST``.  Nothing
+is ever stopped by name: only processes this harness started, by their PID.
 """
 
 from __future__ import annotations
@@ -55,21 +60,35 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from ..harness.commands import (
+    T_RUN,
+    T_SHORT,
+    CommandError,
+    apt_install,
+    describe,
+    mounts_at,
+    require_root,
+    sh,
+    stop_pid,
+    tail,
+    unmount_all_under,
+    wait_until,
+)
+from ..harness.dockerd import Dockerd
+from ..harness.image import find_static_busybox, write_busybox_rootfs
+
 E2E_DIR = Path(__file__).resolve().parent
 REPO_ROOT = E2E_DIR.parents[1]
 # Where the plugin's `docker_on_top` package is taken from (default: this repo).
 PLUGIN_SOURCE = Path(os.environ.get("DOT_E2E_SOURCE") or REPO_ROOT).resolve()
-DOCKER_SOCK = "/var/run/docker.sock"
 PLUGIN_DIR = "/run/docker/plugins"
 MODES = ("legacy", "managed")
 # The modules whose ``dot`` tests run against the managed plugin as well: the core
@@ -78,8 +97,6 @@ MANAGED_MODULES = frozenset({"test_e2e_original", "test_e2e_docker", "test_e2e_s
 
 # Every docker call gets a timeout.  dockerd itself gives a plugin 2 minutes
 # for Create and Mount, so a container start may legitimately take that long.
-T_SHORT = 60
-T_RUN = 180
 
 
 def pytest_configure(config):
@@ -121,7 +138,7 @@ def pytest_collection_modifyitems(config, items):
     # ls`, and for every volume name it does not know.
     here = [i for i, item in enumerate(keep) if item.path.is_relative_to(E2E_DIR)]
     ordered = sorted((keep[i] for i in here), key=lambda item: _mode_of(item) != "managed")
-    for i, item in zip(here, ordered, strict=True):
+    for i, item in zip(here, ordered):
         keep[i] = item
     items[:] = keep
 
@@ -144,97 +161,6 @@ def pytest_runtest_makereport(item, call):
 # --------------------------------------------------------------------------
 
 
-class CommandError(AssertionError):
-    pass
-
-
-def sh(args, *, timeout=T_SHORT, check=True, input=None, env=None, cwd=None):
-    """Runs a command (list of args), returns CompletedProcess with text output."""
-    try:
-        res = subprocess.run(
-            [str(a) for a in args],
-            input=input,
-            capture_output=True,
-            text=not isinstance(input, bytes),
-            timeout=timeout,
-            env=env,
-            cwd=cwd,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise CommandError(
-            f"timed out after {timeout}s: {shlex.join(map(str, args))}\n"
-            f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}"
-        ) from None
-    if isinstance(res.stdout, bytes):
-        res.stdout = res.stdout.decode(errors="replace")
-        res.stderr = res.stderr.decode(errors="replace")
-    if check and res.returncode != 0:
-        raise CommandError(describe(res))
-    return res
-
-
-def describe(res):
-    return (
-        f"command: {shlex.join(map(str, res.args))}\nexit code: {res.returncode}\n"
-        f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
-    )
-
-
-def tail(path, lines=200):
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError as e:
-        return f"<cannot read {path}: {e}>"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _unescape_mountinfo(s):
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def mountinfo():
-    """Mounts of our mount namespace: list of dicts (in mount order)."""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        f = left.split()
-        r = right.split()
-        out.append(
-            {
-                "id": int(f[0]),
-                "mountpoint": _unescape_mountinfo(f[4]),
-                "fstype": r[0] if r else "",
-                "source": _unescape_mountinfo(r[1]) if len(r) > 1 else "",
-                "superopts": r[2] if len(r) > 2 else "",
-            }
-        )
-    return out
-
-
-def mounts_at(path):
-    path = os.path.normpath(str(path))
-    return [m for m in mountinfo() if m["mountpoint"] == path]
-
-
-def mounts_under(path):
-    prefix = os.path.normpath(str(path)) + "/"
-    return [m for m in mountinfo() if m["mountpoint"].startswith(prefix)]
-
-
-def unmount_all_under(path):
-    """Unmounts everything below path (deepest and newest first). Returns leftovers."""
-    for _ in range(20):
-        left = mounts_under(path)
-        if not left:
-            return []
-        left.sort(key=lambda m: (m["mountpoint"].count("/"), m["id"]), reverse=True)
-        for m in left:
-            r = sh(["umount", m["mountpoint"]], check=False, timeout=30)
-            if r.returncode != 0:
-                sh(["umount", "-l", m["mountpoint"]], check=False, timeout=30)
-    return mounts_under(path)
-
-
 def release_workdir(plugin, workdir):
     """Stop the plugin, unmount and delete its folder; notes for what could not be."""
     plugin.stop()
@@ -247,85 +173,9 @@ def release_workdir(plugin, workdir):
     return notes
 
 
-def is_static_elf(path):
-    """True when path is an ELF executable without a program interpreter."""
-    try:
-        with open(path, "rb") as f:
-            hdr = f.read(64)
-            if len(hdr) < 52 or hdr[:4] != b"\x7fELF":
-                return False
-            end = "<" if hdr[5] == 1 else ">"
-            if hdr[4] == 2:
-                phoff = struct.unpack_from(end + "Q", hdr, 0x20)[0]
-                phentsize, phnum = struct.unpack_from(end + "HH", hdr, 0x36)
-            else:
-                phoff = struct.unpack_from(end + "I", hdr, 0x1C)[0]
-                phentsize, phnum = struct.unpack_from(end + "HH", hdr, 0x2A)
-            f.seek(phoff)
-            ph = f.read(phentsize * phnum)
-    except OSError:
-        return False
-    pt_interp = 3
-    return all(
-        struct.unpack_from(end + "I", ph, i * phentsize)[0] != pt_interp for i in range(phnum)
-    )
-
-
-def find_static_busybox():
-    cands = [shutil.which("busybox"), "/bin/busybox", "/usr/bin/busybox"]
-    for c in cands:
-        if c and os.path.exists(c) and is_static_elf(os.path.realpath(c)):
-            return os.path.realpath(c)
-    return None
-
-
-def wait_until(pred, timeout, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            return v
-        time.sleep(interval)
-
-
-def docker_answers():
-    try:
-        return (
-            sh(
-                ["docker", "info", "--format", "{{.ServerVersion}}"], check=False, timeout=20
-            ).returncode
-            == 0
-        )
-    except CommandError:
-        return False
-
-
-def stop_pid(proc, timeout):
-    """SIGTERM one process we started, wait, then SIGKILL. True if it obeyed SIGTERM."""
-    if proc.poll() is not None:
-        return True
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(30)
-        return False
-
-
 # --------------------------------------------------------------------------
 # session fixtures
 # --------------------------------------------------------------------------
-
-
-def require_root():
-    if os.geteuid() != 0:
-        pytest.fail("the e2e tests must run as root (they drive dockerd and mount overlays)")
 
 
 def log_dir(e2e_tmp):
@@ -346,22 +196,12 @@ def e2e_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def apt_install(packages, *, recommends=True):
-    """Installs Debian packages; callers ask only for what is missing."""
-    if not shutil.which("apt-get"):
-        pytest.fail(f"missing tools and no apt-get to install {packages}")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    sh(["apt-get", "update"], timeout=600, env=env)
-    extra = [] if recommends else ["--no-install-recommends"]
-    sh(["apt-get", "install", "-y", *extra, *packages], timeout=900, env=env)
-
-
 @pytest.fixture(scope="session")
 def host_tools():
     """Installs the Debian packages the tests need, only when something is missing."""
     require_root()
     need = []
-    if not shutil.which("docker") or (not shutil.which("dockerd") and not docker_answers()):
+    if not shutil.which("docker") or not shutil.which("dockerd"):
         need.append("docker.io")
     if not find_static_busybox():
         need.append("busybox-static")
@@ -376,125 +216,23 @@ def host_tools():
     return {"busybox": bb, "installed": need}
 
 
-class Dockerd:
-    """The dockerd the tests talk to; `ours` when this harness started it."""
-
-    def __init__(self, workdir: Path, logs: Path):
-        self.workdir = workdir
-        self.log_path = logs / "dockerd.log"
-        self.pidfile = workdir / "dockerd.pid"
-        self.proc = None
-        self.ours = False
-        self.args = [
-            "dockerd",
-            "--iptables=false",
-            "--ip6tables=false",
-            "--bridge=none",
-            "--pidfile",
-            str(self.pidfile),
-            "--host",
-            "unix://" + DOCKER_SOCK,
-            *shlex.split(os.environ.get("DOT_E2E_DOCKERD_ARGS", "")),
-        ]
-
-    def log_tail(self, lines=80, important=False):
-        if not self.ours:
-            return "<dockerd was not started by the tests; see its own log>"
-        text = tail(self.log_path, 100_000 if important else lines)
-        if important:
-            keep = [
-                x for x in text.splitlines() if "level=info" not in x and "level=debug" not in x
-            ]
-            text = "\n".join(keep[-lines:])
-        return text
-
-    def start(self, timeout=60):
-        self.ours = True
-        with open(self.log_path, "ab") as logf:
-            logf.write(f"\n===== starting: {shlex.join(self.args)}\n".encode())
-            logf.flush()
-            self.proc = subprocess.Popen(
-                self.args,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"dockerd exited with code {self.proc.returncode} while starting; "
-                    f"its log:\n{self.log_tail(200)}",
-                    pytrace=False,
-                )
-            if docker_answers():
-                return
-            time.sleep(0.5)
-        self.stop()
-        pytest.fail(
-            f"dockerd did not answer `docker info` within {timeout}s; "
-            f"its log:\n{self.log_tail(200)}",
-            pytrace=False,
-        )
-
-    def stop(self):
-        if self.proc is None:
-            return
-        children = self._children(self.proc.pid)
-        if not stop_pid(self.proc, 60):
-            # It had to be killed: the containerd it spawned would linger.
-            for pid in children:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        self.proc = None
-
-    def restart(self):
-        assert self.ours, "can only restart a dockerd that the tests started"
-        self.stop()
-        self.start()
-
-    @staticmethod
-    def _children(pid):
-        out = []
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                out += [int(x) for x in (task / "children").read_text().split()]
-        return out
-
-
 @pytest.fixture(scope="session")
 def dockerd(host_tools, e2e_tmp):
-    d = Dockerd(e2e_tmp, log_dir(e2e_tmp))
-    if docker_answers():
-        yield d  # somebody else's dockerd: use it, leave it alone
-        return
-    if not shutil.which("dockerd"):
-        pytest.fail("`docker info` does not answer and there is no dockerd to start")
-    d.start()
+    folder = e2e_tmp / "dockerd"
+    folder.mkdir()
+    d = Dockerd(folder, log_dir(e2e_tmp))
+    previous = os.environ.get("DOCKER_HOST")
+    os.environ["DOCKER_HOST"] = d.host
     try:
+        d.start()
         yield d
     finally:
         d.stop()
-
-
-def write_busybox_rootfs(bb, tar_path):
-    """A root filesystem tar of the static busybox `bb` and its applets, for `import`."""
-    applets = sh([bb, "--list"]).stdout.split()
-    with tarfile.open(tar_path, "w") as tar:
-        for d in ("bin", "tmp", "etc", "proc", "sys", "dev"):
-            ti = tarfile.TarInfo(d)
-            ti.type = tarfile.DIRTYPE
-            ti.mode = 0o1777 if d == "tmp" else 0o755
-            tar.addfile(ti)
-        tar.add(bb, arcname="bin/busybox")
-        for a in applets:
-            if a == "busybox" or "/" in a:
-                continue
-            ti = tarfile.TarInfo("bin/" + a)
-            ti.type = tarfile.SYMTYPE
-            ti.linkname = "busybox"
-            tar.addfile(ti)
+        d.remove()
+        if previous is None:
+            del os.environ["DOCKER_HOST"]
+        else:
+            os.environ["DOCKER_HOST"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -689,7 +427,7 @@ class ManagedPlugin(Plugin):
         super().__init__(managed.name, managed.root, None, dockerd.log_path)
         self.managed = managed
         self.dockerd = dockerd
-        self._log_start = dockerd.log_path.stat().st_size if dockerd.ours else 0
+        self._log_start = dockerd.log_path.stat().st_size
         self._emptied = False
 
     @property
@@ -726,10 +464,6 @@ class ManagedPlugin(Plugin):
             self.problems.append(f"the managed plugin could not be disabled: {res.stderr.strip()}")
 
     def log(self, lines=300):
-        if not self.dockerd.ours:
-            return (
-                "<the managed plugin logs to dockerd's log; dockerd was not started by the tests>"
-            )
         with open(self.dockerd.log_path, "rb") as f:
             f.seek(self._log_start)
             text = f.read().decode(errors="replace")
@@ -1057,11 +791,10 @@ def dot(request, dockerd, image, e2e_tmp, driver_name, plugin_class):
         )
         if failed or notes or plugin.problems:
             sys.stderr.write(f"\n===== plugin log ({plugin.log_path}) =====\n{plugin.log()}\n")
-            if dockerd.ours:
-                sys.stderr.write(
-                    "\n===== dockerd log (warnings and errors) =====\n"
-                    f"{dockerd.log_tail(40, important=True)}\n"
-                )
+            sys.stderr.write(
+                "\n===== dockerd log (warnings and errors) =====\n"
+                f"{dockerd.log_tail(40, important=True)}\n"
+            )
         for n in notes:
             sys.stderr.write(f"teardown note: {n}\n")
         if plugin.problems:

@@ -1,8 +1,11 @@
 """Stuck volumes: an Unmount that never came, found and released by `doctor`."""
 
+import re
+
 import pytest
 
-from .conftest import plugin_call, wait_until
+from ..harness.commands import wait_until
+from .conftest import plugin_call
 
 pytestmark = pytest.mark.e2e
 
@@ -53,3 +56,20 @@ def test_doctor_releases_a_leaked_mount_and_spares_a_volume_in_use(dot):
     assert res.stdout.split() == ["a", "b"]  # volatile: the stale change is gone
     dot.rm(user)
     dot.assert_idle(busy)
+
+
+@pytest.mark.parametrize("plugin_mode", ["managed"])
+def test_doctor_on_a_managed_plugins_root_matches_its_containers_by_name_and_tag(dot):
+    """dockerd names a managed plugin's driver NAME:latest in its containers' mounts."""
+    busy = dot.create_volume(dot.make_base())
+    user = dot.start("sleep 600", volumes=[(busy, "/dot")])
+    dot.assert_in_use(busy)
+    report = dot.cli("doctor", check=False)  # no --name: the root tells which plugin
+    assert report.stdout.decode().strip() == "no problem found", report
+    assert f"managed plugin {dot.driver}" in report.stderr.decode()
+    assert report.returncode == 0
+    dot.rm(user)
+    dot.assert_idle(busy)
+    # Its log lines have dockerd's timestamp only.
+    lines = dot.plugin.log().splitlines()
+    assert lines and not any(re.match(r"\d{4}-\d\d-\d\d", line) for line in lines), lines

@@ -22,21 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
-    PLUGIN_DIR,
+from ..harness.commands import (
     T_RUN,
-    DotE2E,
-    Plugin,
     apt_install,
     describe,
-    log_dir,
-    release_workdir,
     require_root,
     sh,
     unmount_all_under,
     wait_until,
-    write_busybox_rootfs,
 )
+from ..harness.image import write_busybox_rootfs
+from .conftest import PLUGIN_DIR, DotE2E, Plugin, log_dir, release_workdir
 
 pytestmark = pytest.mark.e2e
 

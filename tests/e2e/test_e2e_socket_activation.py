@@ -19,18 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
-    PLUGIN_SOURCE,
-    CommandError,
-    Plugin,
-    apt_install,
-    plugin_call,
-    plugin_environment,
-    require_root,
-    sh,
-    stop_pid,
-    wait_until,
-)
+from ..harness.commands import CommandError, apt_install, require_root, sh, stop_pid, wait_until
+from .conftest import PLUGIN_SOURCE, Plugin, plugin_call, plugin_environment
 
 pytestmark = pytest.mark.e2e
 

@@ -30,20 +30,19 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
+from ..harness.commands import (
     T_RUN,
     T_SHORT,
     CommandError,
-    Dockerd,
     apt_install,
-    plugin_environment,
     require_root,
     sh,
     stop_pid,
     tail,
-    wanted_modes,
-    write_busybox_rootfs,
 )
+from ..harness.dockerd import Dockerd
+from ..harness.image import write_busybox_rootfs
+from .conftest import plugin_environment, wanted_modes
 
 pytestmark = pytest.mark.e2e
 

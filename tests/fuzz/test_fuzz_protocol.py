@@ -46,7 +46,7 @@ def test_fuzzed_requests_are_each_answered_and_harm_nothing(
     exchange = fuzz.send(b"".join(messages))
     assert exchange.closed_by_daemon, "the daemon kept a half-closed connection open"
     assert len(exchange.replies) == expected, [str(r) for r in exchange.replies]
-    for (endpoint, _), reply in zip(requests, exchange.replies, strict=False):
+    for (endpoint, _), reply in zip(requests, exchange.replies):
         event(f"{endpoint[:30]} -> {reply.status}")
         check_reply(reply)
     for reply in exchange.replies[: expected - 1]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 import pytest
 
@@ -53,7 +53,7 @@ def test_success_reply_shapes_of_every_endpoint(ws: Workspace, client: PluginCli
     stored = json.loads(ws.volume("v").metadata.read_text())["CreatedAt"]
     assert volumes[0]["CreatedAt"] == volume["CreatedAt"] == stored
     created = datetime.fromisoformat(stored.replace("Z", "+00:00"))
-    assert abs((datetime.now(UTC) - created).total_seconds()) < 60, stored
+    assert abs((datetime.now(timezone.utc) - created).total_seconds()) < 60, stored
 
     assert client.ok("/VolumeDriver.Path", {"Name": "v"}) == {"Mountpoint": mountpoint}
     assert client.ok("/VolumeDriver.Mount", {"Name": "v", "ID": "c1"}) == {"Mountpoint": mountpoint}

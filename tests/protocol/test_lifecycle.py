@@ -308,3 +308,22 @@ def test_b6_state_root_with_a_backslash_is_refused_or_works(ws: Workspace) -> No
     mountpoint = Path(client.mount("v", "c1"))
     (mountpoint / "added.txt").write_text("added\n")
     assert (root / "v" / "upper" / "added.txt").read_text() == "added\n"
+
+
+@pytest.mark.parametrize("host_root", [None, "/"])
+def test_log_lines_carry_a_timestamp_unless_running_as_a_managed_plugin(
+    ws: Workspace, host_root: str | None
+) -> None:
+    """dockerd stamps each line of a managed plugin's log (host root set) itself."""
+    extra = [] if host_root is None else ["--host-root", host_root]
+    daemon = ws.start([*ws.serve_args(), *extra])
+    ws.client().create("v", ws.base)
+    daemon.stop()
+    lines = daemon.log().splitlines()
+    assert lines, "nothing logged"
+    stamped = [line[:2] == "20" and line[4] == "-" for line in lines]
+    assert stamped == [host_root is None] * len(lines), lines
+    assert all(line.split()[int(host_root is None) * 2] in LEVELS for line in lines), lines
+
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
