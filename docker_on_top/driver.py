@@ -24,10 +24,12 @@ from .errors import InternalError, PluginError, UserError
 from .volume import (
     NAME_MAX_BYTES,
     NAME_PATTERN,
+    PRIVATE_MODE,
     REMOVED_PREFIX,
     Metadata,
     MetadataCache,
     Volume,
+    make_private,
     rfc3339,
 )
 
@@ -123,7 +125,8 @@ class Driver:
         Raises InternalError for a volume that can be neither recognised nor cleaned,
         since serving on top of it could mount the wrong thing.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
+        self._make_folders_private()
         self._finish_removals()
         report = RecoveryReport([], [], [], [])
         for volume in self._volumes():
@@ -167,6 +170,23 @@ class Driver:
                 ", ".join(report.still_mounted),
             )
         return report
+
+    def _make_folders_private(self) -> None:
+        """Tighten a state root and volume folders made open to others (by an earlier
+        version, or by the Go plugin, which makes them 0755)."""
+        tightened = 0
+        for folder in [self.root, *(volume.folder for volume in self._volumes())]:
+            try:
+                tightened += make_private(folder)
+            except OSError as error:
+                log.error("cannot take the access of other users away from %s: %s", folder, error)
+        if tightened:
+            log.warning(
+                "took the access of other users away from %d folder(s) under %s: a container's"
+                " setuid files must not be runnable by host users",
+                tightened,
+                self.root,
+            )
 
     def _finish_removals(self) -> None:
         """Delete the folders of removals that a crash cut short (see Volume.destroy)."""

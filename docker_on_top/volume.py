@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +37,20 @@ NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 NAME_MAX_BYTES = 255  # NAME_MAX: a volume name and a mount ID each become one file name
 # A volume folder being removed is renamed to this prefix: no volume name starts with ".".
 REMOVED_PREFIX = ".removed."
+# The state root and each volume folder give others no access at all: `upper/` holds
+# whatever a container wrote, setuid-root files included, and any access for others
+# (even the execute bit alone) would let a host user run them by their path. As for
+# /var/lib/docker (CVE-2021-41091).
+PRIVATE_MODE = 0o700
+
+
+def make_private(folder: str | Path) -> bool:
+    """Take all access away from group and others; True when they had some."""
+    mode = stat.S_IMODE(os.lstat(folder).st_mode)
+    if not mode & 0o077:
+        return False
+    os.chmod(folder, mode & PRIVATE_MODE)
+    return True
 
 
 @dataclass(frozen=True)
@@ -244,7 +259,7 @@ class Volume:
 
         Raises FileExistsError, untouched, when the volume exists already.
         """
-        self.folder.mkdir()
+        self.folder.mkdir(mode=PRIVATE_MODE)
         try:
             self.upper.mkdir()
             self.records.make()
