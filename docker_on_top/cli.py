@@ -7,6 +7,7 @@ volume's lock to change it.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -244,21 +245,79 @@ def _human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+_ESCAPES = {
+    "\\": "\\\\",
+    "\n": "\\n",
+    "\t": "\\t",
+    "\r": "\\r",
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\v": "\\v",
+}
+
+
+def quote(text: str) -> str:
+    """`text` (a path, decoded with surrogateescape) as one line of plain output that no
+    name can forge: a backslash, control characters and what is not printable become C
+    escapes (\\n, \\t, \\\\, ...), each other byte of them, and each byte that is not
+    UTF-8, \\xHH."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    quoted = []
+    for character in text:
+        if character in _ESCAPES:
+            quoted.append(_ESCAPES[character])
+        elif character.isprintable():
+            quoted.append(character)
+        else:
+            raw = os.fsencode(character)
+            quoted.append("".join(f"\\x{byte:02x}" for byte in raw))
+    return "".join(quoted)
+
+
+def _json_path(path: str) -> dict[str, str]:
+    """A path for JSON output, lossless: "Path" as text, and when the name is not UTF-8
+    (its invalid bytes then shown as U+FFFD), "PathBytes", the raw bytes in base64."""
+    if path.isascii():
+        return {"Path": path}
+    raw = os.fsencode(path)
+    try:
+        return {"Path": raw.decode()}
+    except UnicodeDecodeError:
+        return {
+            "Path": raw.decode(errors="replace"),
+            "PathBytes": base64.b64encode(raw).decode(),
+        }
+
+
+def _write(text: str) -> None:
+    """Plain output as UTF-8 whatever the locale: what is not text was quoted before."""
+    sys.stdout.buffer.write(text.encode(errors="surrogateescape"))
+
+
+def _warn(volume: str, path: str, reason: str) -> None:
+    print(f"docker-on-top: {volume}: {quote(path)}: {reason}", file=sys.stderr)
+
+
 def _print_table(volumes: Sequence[VolumeDetails]) -> None:
     rows = [("NAME", "BASE", "VOLATILE", "IN USE", "CHANGES")]
     rows += [
         (
             v.name,
-            v.base,
+            quote(v.base),
             "yes" if v.volatile else "no",
             str(sum(v.mounts.values())),
-            _human_size(v.changes_bytes),
+            f"error: {v.error}"
+            if v.error or v.changes_bytes is None
+            else _human_size(v.changes_bytes),
         )
         for v in volumes
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
-        print("   ".join(cell.ljust(width) for cell, width in zip(row, widths)), row[-1])
+        cells = (cell.ljust(width) for cell, width in zip(row, widths))
+        _write("   ".join(cells) + " " + row[-1] + "\n")
 
 
 def _terminal_progress(verb: str) -> Progress | None:
@@ -272,17 +331,21 @@ def _terminal_progress(verb: str) -> Progress | None:
 
 
 def _export(driver: Driver, volume: str, output: str) -> None:
+    def report(path: str, reason: str) -> None:
+        _warn(volume, path, reason)
+
     if output == "-":
         if sys.stdout.isatty():
             raise SystemExit("docker-on-top: refusing to write a tar to a terminal; use -o FILE")
-        driver.export(volume, sys.stdout.buffer)
+        driver.export(volume, sys.stdout.buffer, report)
         return
-    # Written aside and renamed at the end: a failure leaves no half-written file.
+    # Written aside and renamed at the end: a failure, or a stop by a signal (see
+    # run_command), leaves no half-written file.
     target = Path(output)
     partial = target.with_name(f".{target.name}.partial")
     try:
         with open(partial, "wb") as out:
-            driver.export(volume, out)
+            driver.export(volume, out, report)
         partial.rename(target)
     finally:
         with suppress(FileNotFoundError):
@@ -304,12 +367,29 @@ def _commit(driver: Driver, arguments: argparse.Namespace) -> int:
         return 0
     base = driver.details(arguments.volume).base
     if not arguments.yes and not _confirm(
-        f"Apply the changes of volume {arguments.volume} onto {base}? This changes the base."
+        f"Apply the changes of volume {arguments.volume} onto {quote(base)}? This changes the base."
     ):
         print("docker-on-top: not confirmed; nothing changed (use --yes)", file=sys.stderr)
         return 1
     driver.commit_into_base(arguments.volume, _terminal_progress("applied"))
     return 0
+
+
+class _Stopped(Exception):
+    """A signal asked a volume command to stop: it unwinds, cleaning up on the way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
+
+
+_STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# As a shell reports a command killed by SIGPIPE.
+_BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
 
 
 def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
@@ -320,23 +400,38 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         return 1
     commands: dict[str, Callable[[], int | None]] = {
         "ls": lambda: _ls(driver, arguments.json),
-        "inspect": lambda: print(json.dumps(driver.details(arguments.volume).to_json(), indent=2)),
+        "inspect": lambda: _inspect(driver, arguments.volume),
         "diff": lambda: _diff(driver, arguments.volume, arguments.json),
         "export": lambda: _export(driver, arguments.volume, arguments.output),
         "reset": lambda: driver.reset(arguments.volume),
         "commit": lambda: _commit(driver, arguments),
         "doctor": lambda: _doctor(driver, settings.name, arguments),
     }
+    # Handlers can only be set from the main thread (not so when a test calls main).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {
+        signum: signal.signal(signum, _stop) for signum in _STOPPING_SIGNALS if in_main_thread
+    }
     try:
-        return commands[arguments.command]() or 0
+        status = commands[arguments.command]() or 0
+        sys.stdout.flush()
+        return status
     except PluginError as error:
         subject = getattr(arguments, "volume", None)
         print(f"docker-on-top: {subject + ': ' if subject else ''}{error}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader (e.g. `| head`) went away; say nothing more.
+        # The reader (e.g. `| head`) went away: end quietly, as other tools do. What is
+        # still buffered would fail again at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return _BROKEN_PIPE_STATUS
+    except _Stopped as stopped:
+        return 128 + stopped.signum
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _doctor(driver: Driver, driver_name: str, arguments: argparse.Namespace) -> int:
@@ -354,21 +449,37 @@ def _doctor(driver: Driver, driver_name: str, arguments: argparse.Namespace) -> 
     return 1 if any(not finding.fixed for finding in findings) else 0
 
 
-def _ls(driver: Driver, as_json: bool) -> None:
-    volumes = driver.all_details()
+def _ls(driver: Driver, as_json: bool) -> int:
+    """Every volume, also when some cannot be read (each says why on its own line);
+    status 1 then."""
+    volumes = list(driver.all_details())
     if as_json:
-        print(json.dumps([v.to_json() for v in volumes], indent=2))
+        _write(json.dumps([v.to_json() for v in volumes], indent=2) + "\n")
     else:
         _print_table(volumes)
+    return 1 if any(v.error for v in volumes) else 0
+
+
+def _inspect(driver: Driver, volume: str) -> int:
+    details = driver.details(volume)
+    _write(json.dumps(details.to_json(), indent=2) + "\n")
+    return 1 if details.error else 0
 
 
 def _diff(driver: Driver, volume: str, as_json: bool) -> None:
+    """The changes as they are found, written as they come: memory stays small however
+    many there are."""
     found = driver.diff(volume)
-    if as_json:
-        print(json.dumps([{"Kind": c.kind, "Path": c.path} for c in found], indent=2))
-    else:
+    if not as_json:
         for change in found:
-            print(change.kind, change.path)
+            _write(f"{change.kind} {quote(change.path)}\n")
+        return
+    separator = "\n"
+    _write("[")
+    for change in found:
+        _write(separator + "  " + json.dumps({"Kind": change.kind, **_json_path(change.path)}))
+        separator = ",\n"
+    _write("\n]\n" if separator != "\n" else "]\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 import time
 from collections import Counter
@@ -32,6 +31,7 @@ from .volume import (
     make_private,
     rfc3339,
 )
+from .walk import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,18 @@ class VolumeDetails:
     mountpoint: str
     mounted: bool  # what the kernel's mount table says
     mounts: Mapping[str, int]  # usage count by mount ID: the records
-    changes_bytes: int
+    # Disk usage of the changes, and the sizes of their files; None when unreadable.
+    changes_bytes: int | None
+    changes_apparent_bytes: int | None
+    # Why some of the above could not be read; empty when all could.
+    error: str = ""
+
+    @classmethod
+    def unreadable(cls, name: str, error: str) -> VolumeDetails:
+        return cls(name, "", False, "", "", False, {}, None, None, error)
 
     def to_json(self) -> dict[str, object]:
-        return {
+        found: dict[str, object] = {
             "Name": self.name,
             "Base": self.base,
             "Volatile": self.volatile,
@@ -83,7 +91,11 @@ class VolumeDetails:
             "Mounted": self.mounted,
             "Mounts": dict(self.mounts),
             "ChangesBytes": self.changes_bytes,
+            "ChangesApparentBytes": self.changes_apparent_bytes,
         }
+        if self.error:
+            found["Error"] = self.error
+        return found
 
 
 @dataclass(frozen=True)
@@ -194,7 +206,7 @@ class Driver:
             try:
                 if kernel.is_mount_point(leftover / "mountpoint"):
                     kernel.unmount(leftover / "mountpoint", flags=kernel.MNT_DETACH)
-                shutil.rmtree(leftover)
+                remove_tree(leftover)
             except OSError as error:
                 log.warning("cannot finish removing %s: %s", leftover, error)
             else:
@@ -430,39 +442,60 @@ class Driver:
     # --- the volume's changes (command line) -------------------------------------------
 
     def details(self, name: str) -> VolumeDetails:
+        """Everything known about a volume; a walk of its changes that fails (a container
+        may be changing them meanwhile) is told in `error`, the rest is still given."""
         volume = self._volume(name)
         metadata, created_at = self._metadata_and_creation(volume)
         try:
-            return VolumeDetails(
-                name=name,
-                base=metadata.base_dir,
-                volatile=metadata.volatile,
-                created_at=created_at,
-                mountpoint=str(volume.mountpoint),
-                mounted=kernel.is_mount_point(volume.mountpoint),
-                mounts={i: self._usage_count(volume, i) or 0 for i in volume.records.ids()},
-                changes_bytes=changes.changes_size(volume.upper),
-            )
+            mounted = kernel.is_mount_point(volume.mountpoint)
+            mounts = {i: self._usage_count(volume, i) or 0 for i in volume.records.ids()}
         except OSError as error:
             raise InternalError(f"failed to read volume {name}", error) from error
+        size: changes.ChangesSize | None = None
+        problem = ""
+        try:
+            size = changes.changes_size(volume.upper)
+        except OSError as error:
+            problem = f"failed to read the volume's changes: {error}"
+        return VolumeDetails(
+            name=name,
+            base=metadata.base_dir,
+            volatile=metadata.volatile,
+            created_at=created_at,
+            mountpoint=str(volume.mountpoint),
+            mounted=mounted,
+            mounts=mounts,
+            changes_bytes=None if size is None else size.disk_bytes,
+            changes_apparent_bytes=None if size is None else size.apparent_bytes,
+            error=problem,
+        )
 
-    def all_details(self) -> list[VolumeDetails]:
-        return [self.details(volume.name) for volume in self._volumes()]
+    def all_details(self) -> Iterator[VolumeDetails]:
+        """The details of every volume, one at a time; one that cannot be read is told in
+        its own `error`, one removed meanwhile is left out."""
+        for volume in self._volumes():
+            try:
+                yield self.details(volume.name)
+            except PluginError as error:
+                if volume.exists():
+                    yield VolumeDetails.unreadable(volume.name, str(error))
 
-    def diff(self, name: str) -> list[changes.Change]:
+    def diff(self, name: str) -> Iterator[changes.Change]:
+        """The volume's changes as they are found (see changes.diff)."""
         volume = self._volume(name)
         metadata = self._metadata(volume)
-        try:
-            return changes.diff(volume.upper, self._on_host(metadata.base_dir))
-        except OSError as error:
-            raise InternalError("failed to read the volume's changes", error) from error
+        return _changes_read(changes.diff(volume.upper, self._on_host(metadata.base_dir)))
 
-    def export(self, name: str, out: BinaryIO) -> None:
+    def export(self, name: str, out: BinaryIO, report: changes.Report) -> None:
+        """Write the volume's changes to `out` as an image layer; what a layer cannot
+        carry is left out and told to `report`."""
         volume = self._volume(name)
         self._metadata(volume)
         try:
-            changes.export_layer(volume.upper, out)
-        except (OSError, ValueError) as error:
+            changes.export_layer(volume.upper, out, report)
+        except BrokenPipeError:
+            raise  # the reader went away: the caller's business, not a failure here
+        except OSError as error:
             raise InternalError("failed to export the volume's changes", error) from error
 
     def reset(self, name: str) -> None:
@@ -834,6 +867,13 @@ class Driver:
             log.warning("volume %s: its mountpoint is still mounted; detaching it", volume.name)
             kernel.unmount(volume.mountpoint, flags=kernel.MNT_FORCE | kernel.MNT_DETACH)
         raise OSError(errno.EBUSY, "mountpoint stays mounted", str(volume.mountpoint))
+
+
+def _changes_read(found: Iterator[changes.Change]) -> Iterator[changes.Change]:
+    try:
+        yield from found
+    except OSError as error:
+        raise InternalError("failed to read the volume's changes", error) from error
 
 
 def _remove_quietly(volume: Volume, folders: list[Path]) -> None:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 from contextlib import suppress
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 from . import changes, kernel
+from .walk import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,8 @@ class Volume:
             )
             fsync_directory(self.folder.parent)
         except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            with suppress(OSError):
+                remove_tree(self.folder)
             raise
 
     def read_unreleased(self) -> dict[str, int]:
@@ -303,7 +304,7 @@ class Volume:
         # Not named after the volume: a name of NAME_MAX bytes leaves no room for a prefix.
         doomed = self.folder.with_name(f"{REMOVED_PREFIX}{os.urandom(8).hex()}")
         os.rename(self.folder, doomed)
-        shutil.rmtree(doomed)
+        remove_tree(doomed)
 
     def make_mount_folders(self) -> list[Path]:
         """Create `mountpoint/` and an empty `workdir/`; returns the folders this call made.
@@ -322,7 +323,7 @@ class Volume:
                 self.workdir.mkdir()
             except FileExistsError:
                 log.warning("volume %s: emptying the leftover %s", self.name, self.workdir)
-                shutil.rmtree(self.workdir)
+                remove_tree(self.workdir)
                 self.workdir.mkdir()
             created.append(self.workdir)
         except OSError:
@@ -333,7 +334,7 @@ class Volume:
     def remove_folders(self, folders: list[Path]) -> None:
         for folder in folders:
             if folder == self.workdir:
-                shutil.rmtree(folder)
+                remove_tree(folder)
             else:
                 folder.rmdir()
 
@@ -347,7 +348,7 @@ class Volume:
         except FileNotFoundError:
             pass
         except OSError:
-            shutil.rmtree(self.workdir)
+            remove_tree(self.workdir)
 
     def discard_changes(self) -> None:
         changes.reset(self.upper)
