@@ -7,6 +7,7 @@ that forge output, sparse files of a terabyte.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -141,9 +142,7 @@ def run_cli(root: Path, *argv: str, **options: Any) -> subprocess.CompletedProce
     """The command line in a process of its own, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "docker_on_top", *argv, "--root", str(root)],
-        capture_output=True,
-        cwd=REPO,
-        **options,
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "cwd": REPO, **options},
     )
 
 
@@ -498,3 +497,254 @@ def test_start_up_goes_on_past_a_leftover_it_cannot_remove(
         assert any("cannot finish removing" in r.getMessage() for r in caplog.records)
     finally:
         subprocess.run(["chattr", "-i", str(leftover / "stuck")], check=True)
+
+
+# --- 5. ls and inspect list every volume, and say which could not be read ----------------
+
+
+def test_ls_lists_every_volume_and_says_which_could_not_be_read(
+    root: Path,
+    driver: Driver,
+    base: Path,
+    volume: Path,
+    outside: Path,
+    capfdbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    driver.create("w", {"base": str(base)})
+    # A walk that fails: an upper that is not a directory of its own.
+    upper = root / "w" / "upper"
+    upper.rmdir()
+    upper.symlink_to(outside)
+    assert run(root, "ls") == 1
+    _, v_row, w_row = capfdbinary.readouterr().out.decode().splitlines()
+    assert v_row.split()[0] == "v"
+    assert w_row.split()[0] == "w"
+    assert "error: failed to read the volume's changes" in w_row
+    assert run(root, "ls", "--json") == 1
+    v, w = json.loads(capfdbinary.readouterr().out)
+    assert "Error" not in v
+    assert v["ChangesBytes"] == 0
+    assert w["ChangesBytes"] is None
+    assert "failed to read the volume's changes" in w["Error"]
+    assert run(root, "inspect", "w") == 1
+    assert "Error" in json.loads(capfdbinary.readouterr().out)
+
+
+def test_ls_lists_every_volume_while_a_mounted_one_changes(
+    root: Path,
+    driver: Driver,
+    base: Path,
+    volume: Path,
+    capfdbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    """Issue 12: `ls` listed nothing, 2 times in 8, while a container wrote its volume."""
+    driver.create("w", {"base": str(base)})
+    view = Path(driver.mount("v", ID))
+    churn = subprocess.Popen(
+        ["sh", "-c", "while :; do mkdir -p x/y; touch x/y/f x/g h; rm -rf x h; done"], cwd=view
+    )
+    try:
+        for _ in range(100):
+            run(root, "ls", "--json")
+            listed = json.loads(capfdbinary.readouterr().out)
+            assert [volume["Name"] for volume in listed] == ["v", "w"]
+    finally:
+        churn.kill()
+        churn.wait()
+
+
+# --- 6. names cannot forge diff's output, nor crash it under any locale ------------------
+
+
+def test_plain_diff_quotes_what_could_forge_a_line(
+    root: Path, volume: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    forged = volume / "evil\nD " / "etc"
+    forged.mkdir(parents=True)
+    (forged / "passwd").write_text("x")
+    (volume / os.fsdecode(b"\xff\xfe")).write_text("x")
+    (volume / "back\\slash\ttab").write_text("x")
+    assert run(root, "diff", "v") == 0
+    assert capfdbinary.readouterr().out.decode().splitlines() == [
+        "A /back\\\\slash\\ttab",
+        "A /evil\\nD ",
+        "A /evil\\nD /etc",
+        "A /evil\\nD /etc/passwd",
+        "A /\\xff\\xfe",
+    ]
+
+
+def test_diff_json_keeps_names_lossless(
+    root: Path, volume: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    (volume / os.fsdecode(b"\xff\xfe")).write_text("x")
+    (volume / "caf\u00e9\n").write_text("x")
+    assert run(root, "diff", "v", "--json") == 0
+    out = capfdbinary.readouterr().out
+    assert out.isascii()
+    assert json.loads(out) == [
+        {"Kind": "A", "Path": "/caf\u00e9\n"},
+        {
+            "Kind": "A",
+            "Path": "/\ufffd\ufffd",
+            "PathBytes": base64.b64encode(b"/\xff\xfe").decode(),
+        },
+    ]
+
+
+@pytest.fixture(scope="session")
+def locales(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for LOCPATH with en_US.UTF-8, where Python's stdout is strict UTF-8 (in
+    C and C.UTF-8 it escapes surrogates by itself)."""
+    folder = tmp_path_factory.mktemp("locales")
+    subprocess.run(
+        ["localedef", "-i", "en_US", "-f", "UTF-8", str(folder / "en_US.UTF-8")], check=True
+    )
+    return folder
+
+
+@pytest.mark.parametrize("locale", ["en_US.UTF-8", "C.UTF-8", "C"])
+@pytest.mark.parametrize(
+    "argv", [("diff", "v"), ("diff", "v", "--json"), ("ls",), ("ls", "--json"), ("inspect", "v")]
+)
+def test_no_locale_crashes_a_command(
+    root: Path, volume: Path, locales: Path, locale: str, argv: tuple[str, ...]
+) -> None:
+    (volume / os.fsdecode(b"\xff\xfe")).write_text("x")
+    environment = {"PATH": os.environ["PATH"], "LOCPATH": str(locales), "LC_ALL": locale}
+    ran = run_cli(root, *argv, env=environment)
+    assert (ran.returncode, ran.stderr) == (0, b"")
+    assert ran.stdout
+
+
+# --- 7. what an image layer cannot carry is left out, and said ---------------------------
+
+
+def test_export_leaves_out_what_a_layer_cannot_carry_and_says_so(
+    root: Path, volume: Path, workspace: Path
+) -> None:
+    (volume / ".wh.foo").write_text("a container's file")
+    (volume / "kept").write_text("kept")
+    os.setxattr(volume / "kept", "user.a=b", b"value")
+    os.setxattr(volume / "kept", "user.plain", b"value")
+    layer = workspace / "layer.tar"
+    ran = run_cli(root, "export", "v", "-o", str(layer))
+    assert ran.returncode == 0
+    assert ran.stderr.decode().splitlines() == [
+        "docker-on-top: v: /.wh.foo: not exported: in an image layer a name starting with .wh."
+        " means a deletion",
+        "docker-on-top: v: /kept: xattr user.a=b not exported: a PAX record cannot hold a name"
+        " with '='",
+    ]
+    with tarfile.open(layer) as tar:
+        assert tar.getnames() == ["kept"]
+        assert tar.getmember("kept").pax_headers == {"SCHILY.xattr.user.plain": "value"}
+
+
+# --- 8. sparse files: measured, exported and copied by their data --------------------------
+
+TERABYTE = 1 << 40
+# Where the data of the sparse file lies, and what it is.
+SPARSE_DATA = {0: b"head", 1 << 30: b"middle", TERABYTE - 5: b"tail"}
+
+
+def make_sparse(path: Path, size: int, data: dict[int, bytes]) -> None:
+    with open(path, "wb") as file:
+        file.truncate(size)
+        for offset, content in data.items():
+            file.seek(offset)
+            file.write(content)
+
+
+def assert_sparse_copy(path: Path, size: int, data: dict[int, bytes]) -> None:
+    st = os.stat(path)
+    assert st.st_size == size
+    assert st.st_blocks * 512 < 1_000_000
+    with open(path, "rb") as file:
+        for offset, content in data.items():
+            file.seek(offset)
+            assert file.read(len(content)) == content
+        file.seek(size // 2)
+        assert file.read(4096) == bytes(4096)
+
+
+def test_changes_size_is_disk_usage_beside_the_apparent_size(
+    root: Path, volume: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    make_sparse(volume / "sparse", TERABYTE, SPARSE_DATA)
+    assert run(root, "inspect", "v") == 0
+    details = json.loads(capfdbinary.readouterr().out)
+    assert details["ChangesBytes"] == os.stat(volume / "sparse").st_blocks * 512
+    assert details["ChangesBytes"] < 1_000_000
+    assert details["ChangesApparentBytes"] == TERABYTE
+
+
+def test_export_writes_a_sparse_file_as_sparse(root: Path, volume: Path, workspace: Path) -> None:
+    make_sparse(volume / "sparse", TERABYTE, SPARSE_DATA)
+    layer = workspace / "layer.tar"
+    assert run(root, "export", "v", "-o", str(layer)) == 0
+    assert layer.stat().st_size < 1_000_000
+    with tarfile.open(layer) as tar:
+        (member,) = tar.getmembers()
+        assert (member.name, member.size) == ("sparse", TERABYTE)
+        by_tarfile = workspace / "by-tarfile"
+        tar.extract(member, by_tarfile, filter="fully_trusted")
+    assert_sparse_copy(by_tarfile / "sparse", TERABYTE, SPARSE_DATA)
+    by_gnu_tar = workspace / "by-gnu-tar"
+    by_gnu_tar.mkdir()
+    subprocess.run(["tar", "-xSf", str(layer)], cwd=by_gnu_tar, check=True)
+    assert_sparse_copy(by_gnu_tar / "sparse", TERABYTE, SPARSE_DATA)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{4096 * 3: b"x" * 10_000}, {0: b"a" * 5000, 1_000_000: b"b"}, {}],
+    ids=["holes-around", "ending-in-a-hole", "only-a-hole"],
+)
+def test_sparse_entries_give_back_the_same_bytes(
+    root: Path, volume: Path, workspace: Path, data: dict[int, bytes]
+) -> None:
+    make_sparse(volume / "sparse", 5_000_000, data)
+    (volume / "dir").mkdir()
+    make_sparse(volume / "dir" / ("long" * 40), 3_000_000, {2_000_000: b"deep"})
+    expected = {name: (volume / name).read_bytes() for name in ("sparse", f"dir/{'long' * 40}")}
+    layer = workspace / "layer.tar"
+    assert run(root, "export", "v", "-o", str(layer)) == 0
+    by_tarfile = workspace / "by-tarfile"
+    with tarfile.open(layer) as tar:
+        tar.extractall(by_tarfile, filter="fully_trusted")
+    by_gnu_tar = workspace / "by-gnu-tar"
+    by_gnu_tar.mkdir()
+    subprocess.run(["tar", "-xSf", str(layer)], cwd=by_gnu_tar, check=True)
+    for copy in (by_tarfile, by_gnu_tar):
+        assert {name: (copy / name).read_bytes() for name in expected} == expected
+
+
+def test_commit_keeps_the_holes(root: Path, volume: Path, workspace: Path, base: Path) -> None:
+    make_sparse(volume / "sparse", TERABYTE, SPARSE_DATA)
+    assert run(root, "commit", "v", "--into", str(workspace / "merged")) == 0
+    assert_sparse_copy(workspace / "merged" / "sparse", TERABYTE, SPARSE_DATA)
+    assert run(root, "commit", "v", "--into-base", "--yes") == 0
+    assert_sparse_copy(base / "sparse", TERABYTE, SPARSE_DATA)
+
+
+# --- 9. a reader that goes away ends a command quietly -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv", [("export", "v"), ("diff", "v"), ("diff", "v", "--json"), ("ls",), ("inspect", "v")]
+)
+def test_a_closed_output_ends_a_command_quietly(
+    root: Path, volume: Path, argv: tuple[str, ...]
+) -> None:
+    (volume / "data").write_bytes(os.urandom(1_000_000))
+    for number in range(2000):
+        (volume / f"file{number}").touch()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `| head` does once it has read enough
+    try:
+        ran = run_cli(root, *argv, stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    assert ran.returncode in (0, 128 + signal.SIGPIPE)
+    assert ran.stderr == b""
