@@ -44,6 +44,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import changes_walk  # noqa: E402
+import diff_memory  # noqa: E402
 import docker_bench  # noqa: E402
 import kernel_floor  # noqa: E402
 import protocol  # noqa: E402
@@ -440,6 +441,9 @@ def report(results: dict) -> str:
     walk = results.get("changes_walk")
     if walk:
         lines += ["", changes_walk.report(walk)]
+    memory = results.get("diff_memory")
+    if memory:
+        lines += ["", diff_memory.report(memory)]
     return "\n".join(lines)
 
 
@@ -550,6 +554,8 @@ def run(arguments: argparse.Namespace, workspace: Path, daemons: list[Daemon]) -
     results["kernel_floor"] = kernel_floor.run(str(workspace), iterations=iterations, warmup=20)
     log("diff and export of a large upper against a find walk")
     results["changes_walk"] = changes_walk.run(10_000 if arguments.quick else 100_000)
+    log("peak memory of diff --json, ls --json and inspect over a large upper")
+    results["diff_memory"] = diff_memory.run(20_000 if arguments.quick else 200_000)
 
     daemon = Daemon(name, root, socket_path, workspace / "daemon.log")
     daemons.append(daemon)
