@@ -49,6 +49,7 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Union
 
@@ -56,10 +57,10 @@ from . import kernel
 from .walk import (
     DIRECTORY_FLAGS,
     Cursor,
+    RegularFiles,
     depth_first,
     empty_directory,
     entry_status,
-    open_regular,
     remove_at,
     remove_children,
     remove_tree,
@@ -111,15 +112,11 @@ class Change:
     path: str
 
 
-class _DiffEntry(NamedTuple):
-    """An entry of an upper directory, or a hidden base name, as `diff` reports it."""
-
-    name: str
-    # "A", "C" or "D"; None for a directory that is no change of its own.
-    kind: str | None
-    is_directory: bool = False
-    # A directory over a base directory: the two are read together.
-    merges: bool = False
+# An entry of an upper directory, or a hidden base name, as `diff` reports it: its name;
+# "A", "C" or "D" (None for a directory that is no change of its own); and for a
+# directory, whether it lies over a base directory (the two are then read together),
+# None for anything else. Plain tuples: `diff` makes one per upper entry.
+_DiffEntry = tuple[str, Union[str, None], Union[bool, None]]
 
 
 def diff(upper: Path, base: Path) -> Iterator[Change]:
@@ -156,13 +153,13 @@ def diff(upper: Path, base: Path) -> Iterator[Change]:
                     hides = entered[-1][1] if entered else False
                     view = _view_of(upper_cursor)
                 continue
-            entry = pending[-1].pop()
-            if entry.kind is not None:
-                yield Change(entry.kind, view + entry.name)
-            if not entry.is_directory or upper_cursor.down(entry.name) is None:
+            name, kind, over_base = pending[-1].pop()
+            if kind is not None:
+                yield Change(kind, view + name)
+            if over_base is None or upper_cursor.down(name) is None:
                 continue
             mark = _overlay_mark(upper_cursor.fd)
-            merges = entry.merges and base_cursor.down(entry.name) is not None
+            merges = over_base and base_cursor.down(name) is not None
             hides = merges and (hides or mark == _HIDES)
             entered.append((merges, hides))
             view = _view_of(upper_cursor)
@@ -202,11 +199,13 @@ def _diff_directory(
         else:
             assert base_fd is not None
             in_base = _base_kind(base_fd, name)
+        over_base = None
         try:
             if entry.is_file(follow_symlinks=False):
                 whiteout = holds_xattr_whiteouts and _is_xattr_whiteout(upper_fd, entry)
             elif entry.is_dir(follow_symlinks=False):
                 whiteout = False
+                over_base = in_base is True
             else:
                 whiteout = _is_device_whiteout(entry)
         except FileNotFoundError:
@@ -214,17 +213,13 @@ def _diff_directory(
         if whiteout:
             # Under a hiding directory the name is left unmatched and reported below.
             if in_base is not None and not hides:
-                found.append(_DiffEntry(name, "D"))
+                found.append((name, "D", None))
             continue
         if hides:
             unmatched.discard(name)
-        kind = "A" if in_base is None else "C"
-        if entry.is_dir(follow_symlinks=False):
-            found.append(_DiffEntry(name, kind, True, in_base is True))
-        else:
-            found.append(_DiffEntry(name, kind))
-    found.extend(_DiffEntry(name, "D") for name in unmatched)
-    found.sort(reverse=True)
+        found.append((name, "A" if in_base is None else "C", over_base))
+    found.extend((name, "D", None) for name in unmatched)
+    found.sort(key=itemgetter(0), reverse=True)
     return found
 
 
@@ -284,7 +279,7 @@ def export_layer(upper: Path, out: BinaryIO, report: Report = _report_nothing) -
     layer = _LayerWriter(out)
     # The first name of each inode with several names, for the others to link to.
     first_names: dict[tuple[int, int], bytes] = {}
-    with Cursor.open(upper) as cursor:
+    with Cursor.open(upper) as cursor, RegularFiles() as files:
 
         def enter(subdirectory: tuple[str, bool]) -> list[tuple[str, bool]] | None:
             name, holds_xattr_whiteouts = subdirectory
@@ -292,17 +287,18 @@ def export_layer(upper: Path, out: BinaryIO, report: Report = _report_nothing) -
                 return None
             prefix = os.fsencode(cursor.relative()) + b"/"
             return _export_entries(
-                layer, cursor.fd, prefix, holds_xattr_whiteouts, first_names, report
+                layer, files, cursor.fd, prefix, holds_xattr_whiteouts, first_names, report
             )
 
         root_marked = _overlay_mark(cursor.fd) == _HOLDS_XATTR_WHITEOUTS
-        top = _export_entries(layer, cursor.fd, b"", root_marked, first_names, report)
+        top = _export_entries(layer, files, cursor.fd, b"", root_marked, first_names, report)
         depth_first(top, enter, lambda _: cursor.up())
     layer.finish()
 
 
 def _export_entries(
     layer: _LayerWriter,
+    files: RegularFiles,
     directory_fd: int,
     prefix: bytes,
     holds_xattr_whiteouts: bool,
@@ -328,12 +324,12 @@ def _export_entries(
                 if marked is not None:
                     subdirectories.append((own_name, marked))
                 continue
-            fd, st = open_regular(directory_fd, own_name)
+            fd, st = files.open(directory_fd, own_name)
         except FileNotFoundError:
             continue  # removed since it was listed
         if fd is not None:
             try:
-                _export_file(layer, fd, name, holds_xattr_whiteouts, first_names, report)
+                _export_file(layer, fd, st, name, holds_xattr_whiteouts, first_names, report)
             finally:
                 os.close(fd)
             continue
@@ -378,14 +374,14 @@ def _export_directory(
 def _export_file(
     layer: _LayerWriter,
     fd: int,
+    st: os.stat_result,
     name: bytes,
     holds_xattr_whiteouts: bool,
     first_names: dict[tuple[int, int], bytes],
     report: Report,
 ) -> None:
-    """A regular file's entry, described and sized from the open file so they agree; a
-    file with holes becomes a sparse entry."""
-    st = os.fstat(fd)
+    """A regular file's entry, from the open file `fd` and its status; a file with holes
+    becomes a sparse entry. Content is read up to that size."""
     size = st.st_size
     if size == 0 and holds_xattr_whiteouts and _getxattr(fd, _WHITEOUT_XATTR) is not None:
         parent, slash, own_name = name.rpartition(b"/")
@@ -549,8 +545,8 @@ def merge_into(
 
 def _copy_tree(source: Path, target: Path, progress: Callable[[int], None] | None) -> None:
     os.mkdir(target, 0o700)
-    with Cursor.open(source) as origin, Cursor.open(target) as copy:
-        copier = _Copier(progress, target)
+    with Cursor.open(source) as origin, Cursor.open(target) as copy, RegularFiles() as files:
+        copier = _Copier(progress, target, files)
 
         def copy_entries() -> list[tuple[str, os.stat_result]]:
             subdirectories = []
@@ -611,10 +607,11 @@ def apply_to_base(
     point) is never gone into.
     """
     with (
-        Cursor.open(upper) as changes,
         Cursor(os.open(base, _BASE_FLAGS), same_device=True) as target,
+        Cursor.open(upper) as changes,
+        RegularFiles() as files,
     ):
-        copier = _Copier(progress, base)
+        copier = _Copier(progress, base, files)
 
         # Each upper subdirectory as (name, status, whether the base had no directory there).
         def apply_entries(holds_xattr_whiteouts: bool) -> list[tuple[str, os.stat_result, bool]]:
@@ -997,8 +994,11 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
 class _Copier:
     """Copies entries with owner, mode, times, xattrs, hard links and holes, counting them."""
 
-    def __init__(self, progress: Callable[[int], None] | None, target_top: Path) -> None:
+    def __init__(
+        self, progress: Callable[[int], None] | None, target_top: Path, files: RegularFiles
+    ) -> None:
         self._progress = progress
+        self._files = files
         self._count = 0
         self._reported = -1
         self._target_top = target_top
@@ -1019,7 +1019,7 @@ class _Copier:
                 return
             self._first_copies[key] = (tuple(target.names), name)
         if stat.S_ISREG(st.st_mode):
-            fd, st = open_regular(source.fd, name)
+            fd, st = self._files.open(source.fd, name)
             if fd is not None:
                 try:
                     _copy_content(fd, st, name, target.fd)

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import TypeVar
 
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# An O_PATH descriptor opens nothing: it only names the inode, for fstat, so that a file
-# is read (reopened through /proc/self/fd) only once fstat has shown it to be regular.
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 # What an entry may have become since it was listed: gone, or no longer a directory.
@@ -123,18 +121,33 @@ class Cursor:
         return shown if len(names) <= 8 else f".../{shown}"
 
 
-def open_regular(dir_fd: int, name: str) -> tuple[int | None, os.stat_result]:
-    """The entry `name`, opened for reading only if it is a regular file; else None and
-    its status, for the caller to handle what it really is. Never opens a FIFO (which
-    could block forever) or a device."""
-    path_fd = os.open(name, _PATH_FLAGS, dir_fd=dir_fd)
-    try:
-        st = os.fstat(path_fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, st
-        return os.open(f"/proc/self/fd/{path_fd}", _READ_FLAGS), st
-    finally:
-        os.close(path_fd)
+class RegularFiles:
+    """Opens an entry for reading only once fstat has shown it to be a regular file: never
+    a FIFO (which could block forever) nor a device (which opening alone can act on). An
+    O_PATH descriptor names the inode without opening it; the file is then opened again
+    through /proc/self/fd, which cannot land on another inode."""
+
+    def __init__(self) -> None:
+        # Open once: looking /proc/self/fd up again for each file costs as much as the rest.
+        self._descriptors = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __enter__(self) -> RegularFiles:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self._descriptors)
+
+    def open(self, dir_fd: int, name: str) -> tuple[int | None, os.stat_result]:
+        """The entry `name` opened for reading if it is a regular file, else None; and its
+        status, for the caller to handle what it really is."""
+        path_fd = os.open(name, _PATH_FLAGS, dir_fd=dir_fd)
+        try:
+            st = os.fstat(path_fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None, st
+            return os.open(str(path_fd), _READ_FLAGS, dir_fd=self._descriptors), st
+        finally:
+            os.close(path_fd)
 
 
 def entry_status(dir_fd: int, name: str) -> os.stat_result | None:
