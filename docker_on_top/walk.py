@@ -7,7 +7,7 @@ lists with scandir on the descriptor, and acts on entries by name relative to it
 holds one descriptor per tree whatever the depth (a tree may be deeper than the limit of
 open files, and than PATH_MAX): it goes back up through "..", which is never a symlink,
 and checks with fstat that it came back to the directory it left, or fails. Nothing is
-recursive, and what a walk keeps is per level of depth, never per entry walked.
+recursive, and what a walk keeps is, per level of depth, the names still to visit there.
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ class Cursor:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    @property
+    def device(self) -> int:
+        """The filesystem of the directory where the cursor is."""
+        return self._identity[0]
 
     @property
     def depth(self) -> int:
@@ -242,6 +247,8 @@ def remove_at(dir_fd: int, name: str) -> None:
             return
         raise
     with cursor:
+        if cursor.device != os.fstat(dir_fd).st_dev:
+            raise OSError(errno.EXDEV, "a mount point; not removing it", name)
         remove_children(cursor)
     os.rmdir(name, dir_fd=dir_fd)
 
