@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, Union
+from typing import Any, BinaryIO, NamedTuple, Union
 
 from . import kernel
 from .walk import (
@@ -340,8 +340,13 @@ def _export_entries(
             layer.add_whiteout(prefix, raw_name, st)
         elif stat.S_ISSOCK(mode):
             report(_shown(name), "not exported: a socket has no tar form")
-        elif not _links_to_earlier_name(layer, name, st, first_names):
-            _export_special(layer, directory_fd, own_name, name, st, report)
+        else:
+            try:
+                kind, details = _special_entry(directory_fd, own_name, name, st, report)
+            except FileNotFoundError:
+                continue  # removed since it was listed
+            if not _links_to_earlier_name(layer, name, st, first_names):
+                layer.add(name, kind, st, **details)
     return subdirectories
 
 
@@ -431,25 +436,20 @@ def _links_to_earlier_name(
     return True
 
 
-def _export_special(
-    layer: _LayerWriter,
-    directory_fd: int,
-    own_name: str,
-    name: bytes,
-    st: os.stat_result,
-    report: Report,
-) -> None:
-    """The entry of a symlink, device node or fifo, none of them opened."""
+def _special_entry(
+    directory_fd: int, own_name: str, name: bytes, st: os.stat_result, report: Report
+) -> tuple[bytes, dict[str, Any]]:
+    """The tar type and header details of a symlink, device node or fifo, none of them
+    opened (read before anything is written: the entry may be gone meanwhile)."""
     mode = st.st_mode
     xattrs = _exportable_xattrs(f"/proc/self/fd/{directory_fd}/{own_name}", name, report)
     if stat.S_ISLNK(mode):
         target = os.readlink(os.fsencode(own_name), dir_fd=directory_fd)
-        layer.add(name, _SYMTYPE, st, linkname=target, xattrs=xattrs)
-    elif stat.S_ISFIFO(mode):
-        layer.add(name, _FIFOTYPE, st, xattrs=xattrs)
-    else:
-        kind = _CHRTYPE if stat.S_ISCHR(mode) else _BLKTYPE
-        layer.add(name, kind, st, device=st.st_rdev, xattrs=xattrs)
+        return _SYMTYPE, {"linkname": target, "xattrs": xattrs}
+    if stat.S_ISFIFO(mode):
+        return _FIFOTYPE, {"xattrs": xattrs}
+    kind = _CHRTYPE if stat.S_ISCHR(mode) else _BLKTYPE
+    return kind, {"device": st.st_rdev, "xattrs": xattrs}
 
 
 def _exportable_xattrs(target: _Target, name: bytes, report: Report) -> dict[str, bytes]:

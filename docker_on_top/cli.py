@@ -375,8 +375,9 @@ def _commit(driver: Driver, arguments: argparse.Namespace) -> int:
     return 0
 
 
-class _Stopped(Exception):
-    """A signal asked a volume command to stop: it unwinds, cleaning up on the way."""
+class _Stopped(BaseException):
+    """A signal asked a volume command to stop: it unwinds, cleaning up on the way (a
+    BaseException, as KeyboardInterrupt is, so that no handler of errors takes it)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
