@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -192,38 +193,39 @@ def depth_first(
 
 def remove_children(cursor: Cursor) -> None:
     """Remove everything in the cursor's directory, which stays; the cursor ends there.
+    Each directory is listed once: its other entries are unlinked at once, its
+    subdirectories emptied one by one, then removed."""
 
-    Each directory is emptied then removed from its parent; what is kept is the names of
-    the directories gone down through, and a directory is listed again after each of its
-    subdirectories (the entries removed meanwhile are not listed again).
-    """
-    top_depth = cursor.depth
-    while True:
-        subdirectory = _unlink_until_a_directory(cursor.fd)
-        if subdirectory is not None:
-            cursor.down(subdirectory)
-            continue
-        if cursor.depth == top_depth:
-            return
-        name = cursor.names[-1]
+    def enter(name: str) -> list[str] | None:
+        if cursor.down(name) is None:
+            # Gone, or no longer a directory (a container's doing meanwhile).
+            with suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=cursor.fd)
+            return None
+        return _unlink_all_but_subdirectories(cursor.fd)
+
+    def leave(name: str) -> None:
         cursor.up()
         os.rmdir(name, dir_fd=cursor.fd)
 
+    depth_first(_unlink_all_but_subdirectories(cursor.fd), enter, leave)
 
-def _unlink_until_a_directory(dir_fd: int) -> str | None:
-    """Unlink the entries of a directory up to its first subdirectory, whose name is
-    returned; None when nothing is left in it."""
+
+def _unlink_all_but_subdirectories(dir_fd: int) -> list[str]:
+    """Unlink the entries of a directory but its subdirectories, whose names are returned."""
+    subdirectories = []
     with os.scandir(dir_fd) as scan:
         for entry in scan:
             if entry.is_dir(follow_symlinks=False):
-                return entry.name
+                subdirectories.append(entry.name)
+                continue
             try:
                 os.unlink(entry.name, dir_fd=dir_fd)
             except FileNotFoundError:
                 pass
             except IsADirectoryError:
-                return entry.name
-    return None
+                subdirectories.append(entry.name)
+    return subdirectories
 
 
 def remove_at(dir_fd: int, name: str) -> None:
