@@ -8,6 +8,8 @@ Layout (shared with docker-on-top v0.1.2, so either plugin can run on the same r
     <root>/<name>/workdir/          the overlay workdir, only while mounted
     <root>/<name>/mountpoint/       where the overlay is mounted, only while mounted
 
+The state root and each `<root>/<name>/` are 0700 (PRIVATE_MODE): see below.
+
 The invariant everything else follows: a record in `activemounts/` guarantees a user
 and a mounted overlay; a mounted overlay on its own guarantees nothing. So a record is
 written only after the overlay is mounted and removed before it is unmounted: a crash
