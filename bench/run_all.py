@@ -230,6 +230,10 @@ def targets(results: dict) -> list[dict]:
     if startup:
         name = f"start-up with {startup['scale_volumes']} volumes < 2 s"
         checks.append((name, startup["clean_10k_s"]["median"], 2.0, "s"))
+    memory = results.get("diff_memory") or {}
+    if memory:
+        name = f"diff --json peak RSS over {memory['files']:,} files <= 64 MB"
+        checks.append((name, memory["diff_json_peak_rss_mb"], diff_memory.LIMIT_MB, "MB"))
     ratio = (results.get("docker") or {}).get("ratio_plugin_to_local_overlay")
     checks.append(("docker run: plugin / local overlay <= 1.02", ratio, 1.02, "x"))
     found = []
