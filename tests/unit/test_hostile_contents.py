@@ -530,6 +530,18 @@ def test_ls_lists_every_volume_and_says_which_could_not_be_read(
     assert "Error" in json.loads(capfdbinary.readouterr().out)
 
 
+def test_ls_lists_the_other_volumes_beside_one_whose_metadata_is_unreadable(
+    root: Path, driver: Driver, base: Path, volume: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    driver.create("w", {"base": str(base)})
+    (root / "w" / "metadata.json").write_text("{not json")
+    assert run(root, "ls", "--json") == 1
+    v, w = json.loads(capfdbinary.readouterr().out)
+    assert (v["Name"], "Error" in v) == ("v", False)
+    assert w["Name"] == "w"
+    assert "metadata" in w["Error"]
+
+
 def test_ls_lists_every_volume_while_a_mounted_one_changes(
     root: Path,
     driver: Driver,
