@@ -44,6 +44,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import changes_walk  # noqa: E402
+import diff_memory  # noqa: E402
 import docker_bench  # noqa: E402
 import kernel_floor  # noqa: E402
 import layers  # noqa: E402
@@ -231,6 +232,10 @@ def targets(results: dict) -> list[dict]:
     if startup:
         name = f"start-up with {startup['scale_volumes']} volumes < 2 s"
         checks.append((name, startup["clean_10k_s"]["median"], 2.0, "s"))
+    memory = results.get("diff_memory") or {}
+    if memory:
+        name = f"diff --json peak RSS over {memory['files']:,} files <= 64 MB"
+        checks.append((name, memory["diff_json_peak_rss_mb"], diff_memory.LIMIT_MB, "MB"))
     ratio = (results.get("docker") or {}).get("ratio_plugin_to_local_overlay")
     checks.append(("docker run: plugin / local overlay <= 1.02", ratio, 1.02, "x"))
     found = []
@@ -450,6 +455,9 @@ def report(results: dict) -> str:
     stacked = results.get("layers")
     if stacked:
         lines += ["", layers.report(stacked)]
+    memory = results.get("diff_memory")
+    if memory:
+        lines += ["", diff_memory.report(memory)]
     return "\n".join(lines)
 
 
@@ -574,6 +582,8 @@ def run(arguments: argparse.Namespace, workspace: Path, daemons: list[Daemon]) -
     results["sized"] = sized_part(workspace, arguments.quick)
     log("layers: snapshot and clone of a volume with many changed files")
     results["layers"] = layers.run(str(workspace), arguments.quick)
+    log("peak memory of diff --json, ls --json and inspect over a large upper")
+    results["diff_memory"] = diff_memory.run(20_000 if arguments.quick else 200_000)
 
     daemon = Daemon(name, root, socket_path, workspace / "daemon.log")
     daemons.append(daemon)

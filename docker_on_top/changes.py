@@ -27,30 +27,44 @@ The upper root is made by the plugin, not copied up from the base, so its own me
 never reported or applied as a change; the kernel ignores an opaque mark on it, and so do
 these functions (its "x" mark counts). Reading `trusted.*` xattrs needs root.
 
-`diff` and `export_layer` walk with the file types that the directory listings give, so
-that `diff` makes syscalls per directory, not per file (but for special files, files in
-directories marked "x", and names looked up in a base directory too large to list);
-`export_layer` writes its tar headers itself, as tarfile costs more per entry than the
-syscalls that read the entry. See docs/performance.md.
+Everything in the upper was written by a container, which may still be writing while
+`diff`, `export_layer` and `changes_size` run: every walk goes through `walk` (directory
+descriptors, O_NOFOLLOW, one descriptor per tree, nothing per entry kept), and a file is
+read only once fstat has shown it to be regular. Setuid bits and file capabilities are
+kept by exports and copies, as an image layer must keep them.
+
+`diff` walks with the file types that the directory listings give, so that it makes
+syscalls per directory, not per file (but for special files, files in directories marked
+"x", and names looked up in a base directory too large to list); `export_layer` writes its
+tar headers itself, as tarfile costs more per entry than the syscalls that read the entry.
+See docs/performance.md.
 """
 
 from __future__ import annotations
 
 import errno
-import gc
 import os
-import shutil
 import stat
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from operator import attrgetter
+from operator import itemgetter
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, Union
+from typing import Any, BinaryIO, NamedTuple, Union
 
 from . import kernel
+from .walk import (
+    DIRECTORY_FLAGS,
+    Cursor,
+    RegularFiles,
+    depth_first,
+    empty_directory,
+    entry_status,
+    remove_at,
+    remove_children,
+    remove_tree,
+)
 
 _OPAQUE_XATTR = "trusted.overlay.opaque"
 _WHITEOUT_XATTR = "trusted.overlay.whiteout"
@@ -63,17 +77,29 @@ _HOLDS_XATTR_WHITEOUTS = b"x"
 _WHITEOUT_PREFIX = ".wh."
 _OPAQUE_MARKER = ".wh..wh..opq"
 
+_WHITEOUT_NAME_REFUSED = (
+    f"not exported: in an image layer a name starting with {_WHITEOUT_PREFIX} means a deletion"
+)
+
 _PROGRESS_EVERY = 1000
 # Bytes per read of a large file, and per write of an export.
 _CHUNK = 1 << 20
-# How export_layer opens a regular file to read it.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A base given by the user is opened as the kernel mounts it: symlinks in its path count.
+_BASE_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # Listing a base directory costs about a tenth of an lstat per name, and its st_size is
 # about 20 bytes a name (tmpfs exactly; ext4, xfs and btrfs are of that order). So `diff`
 # lists a base directory unless its st_size is over this many bytes per entry of the upper
 # directory, and then looks each upper name up instead.
 _BASE_LISTING_BYTES_PER_UPPER_ENTRY = 200
+
+# Told of what an export leaves out: the entry's path in the layer ("/dir/name"), and why.
+Report = Callable[[str, str], None]
+
+
+def report_nothing(path: str, reason: str) -> None:
+    pass
 
 
 @dataclass
@@ -86,21 +112,17 @@ class Change:
     path: str
 
 
-class _DiffFolder(NamedTuple):
-    """An upper directory waiting to be read by `diff`."""
-
-    upper: str
-    # Its path in the view, with a trailing "/".
-    view: str
-    # The base directory at the same path, when there is one to merge with or hide.
-    base: str | None
-    # Whether that base directory's entries are hidden (opaque here or above).
-    hides: bool
-    holds_xattr_whiteouts: bool
+# An entry of an upper directory, or a hidden base name, as `diff` reports it: its name;
+# "A", "C" or "D" (None for a directory that is no change of its own); and for a
+# directory, whether it lies over a base directory (the two are then read together),
+# None for anything else. Plain tuples: `diff` makes one per upper entry.
+_DiffEntry = tuple[str, Union[str, None], Union[bool, None]]
 
 
-def diff(upper: Path, base: Path) -> list[Change]:
-    """The changes of the merged view against the base, sorted by path ("/dir/file").
+def diff(upper: Path, base: Path) -> Iterator[Change]:
+    """The changes of the merged view against the base, as they are found: each
+    directory's entries in name order, a directory's content right after it (paths sorted
+    name by name, so "/a/b" comes before "/a-b").
 
     The rule compares paths: "A" for a path of the merged view that the base lacks; "D"
     for a base path that the merged view lacks, only the topmost one of a deleted tree (as
@@ -109,102 +131,123 @@ def diff(upper: Path, base: Path) -> list[Change]:
     So a directory copied up only because something inside it changed is "C", and an
     entry of an opaque directory is "C" when the hidden base directory had that name too:
     the path existed before, whether or not the new entry descends from the old one.
-    A whiteout with nothing below it (the base changed since) is no change.
+    A whiteout with nothing below it (the base changed since) is no change. An entry
+    removed or replaced while it is read is reported as it was listed, or not at all.
     """
-    _require_directory(base)
-    found: list[Change] = []
-    root_mark = _overlay_mark(str(upper))
-    pending = [_DiffFolder(str(upper), "/", str(base), False, root_mark == _HOLDS_XATTR_WHITEOUTS)]
-    with _cyclic_gc_paused():
+    with Cursor.open(upper) as upper_cursor, Cursor(os.open(base, _BASE_FLAGS)) as base_cursor:
+        root_marked = _overlay_mark(upper_cursor.fd) == _HOLDS_XATTR_WHITEOUTS
+        pending = [_diff_directory(upper_cursor.fd, base_cursor.fd, False, root_marked)]
+        # Per directory entered: whether the base cursor went in with it, and whether its
+        # base entries are hidden.
+        entered: list[tuple[bool, bool]] = []
+        hides = False
+        view = "/"
         while pending:
-            _diff_folder(pending.pop(), found, pending)
-    found.sort(key=attrgetter("path"))
-    return found
-
-
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector, process-wide. `diff` makes a Change per upper
-    entry and none refers to another, yet each of the collector's passes goes over all
-    of them: it took a tenth of diff's time. (The command line calls `diff`, not the
-    daemon's request threads.)"""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _diff_folder(folder: _DiffFolder, found: list[Change], pending: list[_DiffFolder]) -> None:
-    """Add the changes of one upper directory's entries to `found`, its subdirectories to
-    `pending`. The loop runs once per upper entry, with no syscall for a plain file unless
-    its directory is marked "x" or the base directory is too large to list."""
-    upper, view, base, hides, holds_xattr_whiteouts = folder
-    with os.scandir(upper) as scan:
-        entries = list(scan)
-    # Base names, True for a directory; None when an lstat per name is cheaper.
-    base_names: dict[str, bool] | None = {}
-    if base is not None:
-        base_names = _base_names(base, len(entries), listing_needed=hides)
-    unmatched = set(base_names) if hides and base_names else set()
-    for entry in entries:
-        name = entry.name
-        in_base = base_names.get(name) if base_names is not None else _base_kind(f"{base}/{name}")
-        if entry.is_file(follow_symlinks=False):
-            whiteout = holds_xattr_whiteouts and _is_xattr_whiteout(entry)
-        elif entry.is_dir(follow_symlinks=False):
-            whiteout = False
-            mark = _overlay_mark(entry.path)
-            merges = in_base is True
+            if not pending[-1]:
+                pending.pop()
+                if entered:
+                    merged, _ = entered.pop()
+                    upper_cursor.up()
+                    if merged:
+                        base_cursor.up()
+                    hides = entered[-1][1] if entered else False
+                    view = _view_of(upper_cursor)
+                continue
+            name, kind, over_base = pending[-1].pop()
+            if kind is not None:
+                yield Change(kind, view + name)
+            if over_base is None or upper_cursor.down(name) is None:
+                continue
+            mark = _overlay_mark(upper_cursor.fd)
+            merges = over_base and base_cursor.down(name) is not None
+            hides = merges and (hides or mark == _HIDES)
+            entered.append((merges, hides))
+            view = _view_of(upper_cursor)
             pending.append(
-                _DiffFolder(
-                    entry.path,
-                    f"{view}{name}/",
-                    f"{base}/{name}" if merges else None,
-                    merges and (hides or mark == _HIDES),
+                _diff_directory(
+                    upper_cursor.fd,
+                    base_cursor.fd if merges else None,
+                    hides,
                     mark == _HOLDS_XATTR_WHITEOUTS,
                 )
             )
+
+
+def _view_of(cursor: Cursor) -> str:
+    """The path in the view of the cursor's directory, with a trailing "/"."""
+    return f"/{cursor.relative()}/" if cursor.names else "/"
+
+
+def _diff_directory(
+    upper_fd: int, base_fd: int | None, hides: bool, holds_xattr_whiteouts: bool
+) -> list[_DiffEntry]:
+    """The entries of one upper directory as `diff` reports them, last name first (to be
+    popped in order). No syscall for a plain file unless the directory is marked "x" or
+    the base directory is too large to list."""
+    with os.scandir(upper_fd) as scan:
+        entries = list(scan)
+    # Base names, True for a directory; None when an lstat per name is cheaper.
+    base_names: dict[str, bool] | None = {}
+    if base_fd is not None:
+        base_names = _base_names(base_fd, len(entries), listing_needed=hides)
+    unmatched = set(base_names) if hides and base_names else set()
+    found: list[_DiffEntry] = []
+    for entry in entries:
+        name = entry.name
+        if base_names is not None:
+            in_base = base_names.get(name)
         else:
-            whiteout = _is_device_whiteout(entry)
+            assert base_fd is not None
+            in_base = _base_kind(base_fd, name)
+        over_base = None
+        try:
+            if entry.is_file(follow_symlinks=False):
+                whiteout = holds_xattr_whiteouts and _is_xattr_whiteout(upper_fd, entry)
+            elif entry.is_dir(follow_symlinks=False):
+                whiteout = False
+                over_base = in_base is True
+            else:
+                whiteout = _is_device_whiteout(entry)
+        except FileNotFoundError:
+            continue  # removed since it was listed
         if whiteout:
             # Under a hiding directory the name is left unmatched and reported below.
             if in_base is not None and not hides:
-                found.append(Change("D", view + name))
+                found.append((name, "D", None))
             continue
         if hides:
             unmatched.discard(name)
-        found.append(Change("A" if in_base is None else "C", view + name))
-    found.extend(Change("D", view + name) for name in unmatched)
+        found.append((name, "A" if in_base is None else "C", over_base))
+    found.extend((name, "D", None) for name in unmatched)
+    found.sort(key=itemgetter(0), reverse=True)
+    return found
 
 
 def _base_names(
-    directory: str, upper_entries: int, *, listing_needed: bool
+    directory_fd: int, upper_entries: int, *, listing_needed: bool
 ) -> dict[str, bool] | None:
     """The names in a base directory, True for a subdirectory; None when looking each upper
     name up is cheaper than listing it (a huge base directory, few upper entries)."""
     if (
         not listing_needed
-        and os.lstat(directory).st_size > upper_entries * _BASE_LISTING_BYTES_PER_UPPER_ENTRY
+        and os.fstat(directory_fd).st_size > upper_entries * _BASE_LISTING_BYTES_PER_UPPER_ENTRY
     ):
         return None
-    with os.scandir(directory) as scan:
+    with os.scandir(directory_fd) as scan:
         return {entry.name: entry.is_dir(follow_symlinks=False) for entry in scan}
 
 
-def _base_kind(path: str) -> bool | None:
-    """True for a directory at `path`, False for anything else, None when absent."""
-    found = _lstat(path)
+def _base_kind(directory_fd: int, name: str) -> bool | None:
+    """True for a subdirectory `name`, False for anything else, None when absent."""
+    found = entry_status(directory_fd, name)
     return None if found is None else stat.S_ISDIR(found.st_mode)
 
 
-def _is_xattr_whiteout(entry: os.DirEntry[str]) -> bool:
+def _is_xattr_whiteout(directory_fd: int, entry: os.DirEntry[str]) -> bool:
     """For a regular file in a directory marked as holding xattr whiteouts."""
     return (
         entry.stat(follow_symlinks=False).st_size == 0
-        and _getxattr(entry.path, _WHITEOUT_XATTR) is not None
+        and _getxattr(f"/proc/self/fd/{directory_fd}/{entry.name}", _WHITEOUT_XATTR) is not None
     )
 
 
@@ -216,93 +259,134 @@ def _is_device_whiteout(entry: os.DirEntry[str]) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def export_layer(upper: Path, out: BinaryIO) -> None:
+def export_layer(upper: Path, out: BinaryIO, report: Report = report_nothing) -> None:
     """Write the changes to `out` as an uncompressed OCI image layer (PAX tar), streaming.
 
     Whiteouts become empty files `.wh.NAME` and an opaque directory gets an empty
-    `DIR/.wh..wh..opq` after its own entry. Entries keep mode, owner, symlink target,
-    device numbers and xattrs (`SCHILY.xattr.*`, overlay ones left out); the second and
-    later names of one inode are hard-link entries. As docker does, mtimes are whole
-    seconds (a fractional one costs a PAX record per entry) and owner names are left out
-    (the ids are those of the containers, not of this host). Sockets have no tar form and
-    are left out. Each directory's entries come in name order, its subdirectories' content
-    after them. Raises ValueError for a name starting with `.wh.`, which a layer cannot
-    hold as content; what was written by then is not a valid layer.
+    `DIR/.wh..wh..opq` after its own entry. Entries keep mode (setuid bits too), owner,
+    symlink target, device numbers and xattrs (`SCHILY.xattr.*`, file capabilities too;
+    overlay ones left out); the second and later names of one inode are hard-link
+    entries; a file with holes is a sparse entry (PAX format 1.0, as GNU tar writes it)
+    holding only its data. As docker does, mtimes are whole seconds (a fractional one
+    costs a PAX record per entry) and owner names are left out (the ids are those of the
+    containers, not of this host). Each directory's entries come in name order, its
+    subdirectories' content after them.
+
+    What a layer cannot carry is left out and told to `report`: a name starting with
+    `.wh.` (a layer reads it as a deletion), a socket (no tar form), an xattr whose name
+    holds "=" (a PAX record would split it there).
     """
     layer = _LayerWriter(out)
     # The first name of each inode with several names, for the others to link to.
     first_names: dict[tuple[int, int], bytes] = {}
-    top = os.fsencode(upper)
-    # (upper directory, its name in the layer with a trailing "/", marked for xattr whiteouts)
-    pending = [(top, b"", _overlay_mark(top) == _HOLDS_XATTR_WHITEOUTS)]
-    while pending:
-        directory, prefix, holds_xattr_whiteouts = pending.pop()
-        with os.scandir(directory) as scan:
-            entries = sorted(scan, key=attrgetter("name"))
-        # Files are opened relative to their directory: a shorter path lookup per file.
-        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            subdirectories = _export_entries(
-                layer, entries, directory_fd, prefix, holds_xattr_whiteouts, first_names
+    with Cursor.open(upper) as cursor, RegularFiles() as files:
+
+        def enter(subdirectory: tuple[str, bool]) -> list[tuple[str, bool]] | None:
+            name, holds_xattr_whiteouts = subdirectory
+            if cursor.down(name) is None:
+                return None
+            prefix = os.fsencode(cursor.relative()) + b"/"
+            return _export_entries(
+                layer, files, cursor.fd, prefix, holds_xattr_whiteouts, first_names, report
             )
-        finally:
-            os.close(directory_fd)
-        # Popped last first: the subdirectories' content comes in name order.
-        pending.extend(reversed(subdirectories))
+
+        root_marked = _overlay_mark(cursor.fd) == _HOLDS_XATTR_WHITEOUTS
+        top = _export_entries(layer, files, cursor.fd, b"", root_marked, first_names, report)
+        depth_first(top, enter, lambda _: cursor.up())
     layer.finish()
 
 
 def _export_entries(
     layer: _LayerWriter,
-    entries: list[os.DirEntry[bytes]],
+    files: RegularFiles,
     directory_fd: int,
     prefix: bytes,
     holds_xattr_whiteouts: bool,
     first_names: dict[tuple[int, int], bytes],
-) -> list[tuple[bytes, bytes, bool]]:
+    report: Report,
+) -> list[tuple[str, bool]]:
     """Add one directory's entries to the layer; returns its subdirectories to export
-    next, as (upper directory, name in the layer, marked for xattr whiteouts)."""
+    next, as (name, marked for xattr whiteouts)."""
+    with os.scandir(directory_fd) as scan:
+        listed = sorted(
+            (os.fsencode(entry.name), entry.is_dir(follow_symlinks=False)) for entry in scan
+        )
     subdirectories = []
-    for entry in entries:
-        if entry.name.startswith(_WHITEOUT_PREFIX_BYTES):
-            raise ValueError(
-                f"cannot export /{os.fsdecode(prefix + entry.name)}: in an image layer a"
-                f" name starting with {_WHITEOUT_PREFIX} means a deletion"
-            )
-        name = prefix + entry.name
-        if entry.is_file(follow_symlinks=False):
-            fd = os.open(entry.name, _READ_FLAGS, dir_fd=directory_fd)
+    for raw_name, is_directory in listed:
+        name = prefix + raw_name
+        if raw_name.startswith(_WHITEOUT_PREFIX_BYTES):
+            report(_shown(name), _WHITEOUT_NAME_REFUSED)
+            continue
+        own_name = os.fsdecode(raw_name)
+        try:
+            if is_directory:
+                marked = _export_directory(layer, directory_fd, own_name, name, report)
+                if marked is not None:
+                    subdirectories.append((own_name, marked))
+                continue
+            fd, st = files.open(directory_fd, own_name)
+        except FileNotFoundError:
+            continue  # removed since it was listed
+        if fd is not None:
             try:
-                _export_file(layer, fd, name, holds_xattr_whiteouts, first_names)
+                _export_file(layer, fd, st, name, holds_xattr_whiteouts, first_names, report)
             finally:
                 os.close(fd)
             continue
-        st = entry.stat(follow_symlinks=False)
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            layer.add(name + b"/", _DIRTYPE, st, xattrs=_xattrs(entry.path))
-            mark = _overlay_mark(entry.path)
-            if mark == _HIDES:
-                layer.add(name + _OPAQUE_MARKER_NAME, _REGTYPE, st, mode=mode & 0o777)
-            subdirectories.append((entry.path, name + b"/", mark == _HOLDS_XATTR_WHITEOUTS))
-        elif stat.S_ISCHR(mode) and st.st_rdev == 0:
-            layer.add_whiteout(prefix, entry.name, st)
+            continue  # made since it was listed as something else: gone from the listing
+        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+            layer.add_whiteout(prefix, raw_name, st)
         elif stat.S_ISSOCK(mode):
-            continue
-        elif not _links_to_earlier_name(layer, name, st, first_names):
-            _export_special(layer, entry.path, name, st)
+            report(_shown(name), "not exported: a socket has no tar form")
+        else:
+            try:
+                kind, details = _special_entry(directory_fd, own_name, name, st, report)
+            except FileNotFoundError:
+                continue  # removed since it was listed
+            if not _links_to_earlier_name(layer, name, st, first_names):
+                layer.add(name, kind, st, **details)
     return subdirectories
+
+
+def _shown(name: bytes) -> str:
+    return "/" + os.fsdecode(name)
+
+
+def _export_directory(
+    layer: _LayerWriter, parent_fd: int, own_name: str, name: bytes, report: Report
+) -> bool | None:
+    """A directory's entry (and its opaque marker), described from the open directory;
+    returns whether it is marked for xattr whiteouts, None when it is no directory now."""
+    try:
+        fd = os.open(own_name, DIRECTORY_FLAGS, dir_fd=parent_fd)
+    except OSError as error:
+        if error.errno in (errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+        layer.add(name + b"/", _DIRTYPE, st, xattrs=_exportable_xattrs(fd, name, report))
+        mark = _overlay_mark(fd)
+    finally:
+        os.close(fd)
+    if mark == _HIDES:
+        layer.add(name + _OPAQUE_MARKER_NAME, _REGTYPE, st, mode=st.st_mode & 0o777)
+    return mark == _HOLDS_XATTR_WHITEOUTS
 
 
 def _export_file(
     layer: _LayerWriter,
     fd: int,
+    st: os.stat_result,
     name: bytes,
     holds_xattr_whiteouts: bool,
     first_names: dict[tuple[int, int], bytes],
+    report: Report,
 ) -> None:
-    """A regular file's entry, described and sized from the open file so they agree."""
-    st = os.fstat(fd)
+    """A regular file's entry, from the open file `fd` and its status; a file with holes
+    becomes a sparse entry. Content is read up to that size."""
     size = st.st_size
     if size == 0 and holds_xattr_whiteouts and _getxattr(fd, _WHITEOUT_XATTR) is not None:
         parent, slash, own_name = name.rpartition(b"/")
@@ -310,8 +394,33 @@ def _export_file(
         return
     if _links_to_earlier_name(layer, name, st, first_names):
         return
-    layer.add(name, _REGTYPE, st, size=size, xattrs=_xattrs(fd))
-    layer.copy_content(fd, size, name)
+    xattrs = _exportable_xattrs(fd, name, report)
+    extents = _data_extents(fd, size) if st.st_blocks * 512 < size else None
+    if extents is None or extents == [(0, size)]:
+        layer.add(name, _REGTYPE, st, size=size, xattrs=xattrs)
+        layer.copy_content(fd, [(0, size)], name)
+    else:
+        layer.add_sparse(name, st, size, extents, xattrs)
+        layer.copy_content(fd, extents, name)
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) of each run of data of a file of `size` bytes, holes between."""
+    extents = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:
+                break  # only a hole from `offset` on
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end - start))
+        offset = end
+    return extents
 
 
 def _links_to_earlier_name(
@@ -327,33 +436,72 @@ def _links_to_earlier_name(
     return True
 
 
-def _export_special(layer: _LayerWriter, path: bytes, name: bytes, st: os.stat_result) -> None:
-    """The entry of a symlink, device node or fifo."""
+def _special_entry(
+    directory_fd: int, own_name: str, name: bytes, st: os.stat_result, report: Report
+) -> tuple[bytes, dict[str, Any]]:
+    """The tar type and header details of a symlink, device node or fifo, none of them
+    opened (read before anything is written: the entry may be gone meanwhile)."""
     mode = st.st_mode
-    xattrs = _xattrs(path)
+    xattrs = _exportable_xattrs(f"/proc/self/fd/{directory_fd}/{own_name}", name, report)
     if stat.S_ISLNK(mode):
-        layer.add(name, _SYMTYPE, st, linkname=os.readlink(path), xattrs=xattrs)
-    elif stat.S_ISFIFO(mode):
-        layer.add(name, _FIFOTYPE, st, xattrs=xattrs)
-    else:
-        kind = _CHRTYPE if stat.S_ISCHR(mode) else _BLKTYPE
-        layer.add(name, kind, st, device=st.st_rdev, xattrs=xattrs)
+        target = os.readlink(os.fsencode(own_name), dir_fd=directory_fd)
+        return _SYMTYPE, {"linkname": target, "xattrs": xattrs}
+    if stat.S_ISFIFO(mode):
+        return _FIFOTYPE, {"xattrs": xattrs}
+    kind = _CHRTYPE if stat.S_ISCHR(mode) else _BLKTYPE
+    return kind, {"device": st.st_rdev, "xattrs": xattrs}
 
 
-def changes_size(upper: Path) -> int:
-    """Bytes held by the changes: the sizes of the regular files, each inode once."""
-    total = 0
+def _exportable_xattrs(target: _Target, name: bytes, report: Report) -> dict[str, bytes]:
+    """The xattrs of an entry that a PAX record can carry; the others are reported."""
+    xattrs = _xattrs(target)
+    for key in [key for key in xattrs if "=" in key]:
+        report(_shown(name), f"xattr {key} not exported: a PAX record cannot hold a name with '='")
+        del xattrs[key]
+    return xattrs
+
+
+class ChangesSize(NamedTuple):
+    """The size of a volume's changes."""
+
+    # Disk usage: the blocks of every inode below the upper root, each inode once.
+    disk_bytes: int
+    # The sizes of the regular files, each inode once (what a copy would read).
+    apparent_bytes: int
+
+
+def changes_size(upper: Path) -> ChangesSize:
+    """The disk usage and the apparent size of the changes. Entries removed while they are
+    read are left out."""
+    disk = apparent = 0
     linked: set[tuple[int, int]] = set()
-    for entry in _walk(upper):
-        st = entry.stat
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        if st.st_nlink > 1:
-            if (st.st_dev, st.st_ino) in linked:
-                continue
-            linked.add((st.st_dev, st.st_ino))
-        total += st.st_size
-    return total
+    with Cursor.open(upper) as cursor:
+
+        def measure() -> list[str]:
+            nonlocal disk, apparent
+            subdirectories = []
+            with os.scandir(cursor.fd) as scan:
+                for entry in scan:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        subdirectories.append(entry.name)
+                    elif st.st_nlink > 1:
+                        if (st.st_dev, st.st_ino) in linked:
+                            continue
+                        linked.add((st.st_dev, st.st_ino))
+                    disk += st.st_blocks * 512
+                    if stat.S_ISREG(st.st_mode):
+                        apparent += st.st_size
+            return subdirectories
+
+        def enter(name: str) -> list[str] | None:
+            return None if cursor.down(name) is None else measure()
+
+        depth_first(measure(), enter, lambda _: cursor.up())
+    return ChangesSize(disk, apparent)
 
 
 def merge_into(
@@ -368,10 +516,10 @@ def merge_into(
     The view is a read-only overlay of both layers, so it is exactly what the kernel shows
     the containers; the volume should not be in use, or the copy is of a moving target.
     The copy is built in a hidden sibling of `target` and renamed into place without
-    replacing anything, so a failure leaves nothing at `target`. Raises FileExistsError
-    when `target` exists, and ValueError when it would lie inside either layer (the copy
-    would then show up in its own source). `progress` gets the count of entries copied,
-    every 1000 entries and at the end.
+    replacing anything, so a failure leaves nothing at `target`. Files keep their holes.
+    Raises FileExistsError when `target` exists, and ValueError when it would lie inside
+    either layer (the copy would then show up in its own source). `progress` gets the
+    count of entries copied, every 1000 entries and at the end.
     """
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, "the target exists already", str(target))
@@ -392,7 +540,51 @@ def merge_into(
     finally:
         # Never delete through a view that is somehow still mounted.
         if not kernel.is_mount_point(view):
-            shutil.rmtree(scratch)
+            remove_tree(scratch)
+
+
+def _copy_tree(source: Path, target: Path, progress: Callable[[int], None] | None) -> None:
+    os.mkdir(target, 0o700)
+    with Cursor.open(source) as origin, Cursor.open(target) as copy, RegularFiles() as files:
+        copier = _Copier(progress, target, files)
+
+        def copy_entries() -> list[tuple[str, os.stat_result]]:
+            subdirectories = []
+            for name in _names(origin.fd):
+                st = entry_status(origin.fd, name)
+                if st is None:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    os.mkdir(name, 0o700, dir_fd=copy.fd)
+                    subdirectories.append((name, st))
+                else:
+                    copier.copy(origin, name, st, copy)
+            return subdirectories
+
+        def enter(
+            subdirectory: tuple[str, os.stat_result],
+        ) -> list[tuple[str, os.stat_result]] | None:
+            name, _ = subdirectory
+            if origin.down(name) is None:
+                return None
+            copy.down(name)
+            return copy_entries()
+
+        def leave(subdirectory: tuple[str, os.stat_result]) -> None:
+            name, st = subdirectory
+            origin.up()
+            copy.up()
+            copier.finish_directory(origin.fd, name, st, copy.fd)
+
+        depth_first(copy_entries(), enter, leave)
+        _copy_metadata(origin.fd, None, os.fstat(origin.fd), copy.fd)
+        copier.done()
+
+
+def _names(directory_fd: int) -> list[str]:
+    """A directory's names in order: copies then make the same choices every time."""
+    with os.scandir(directory_fd) as scan:
+        return sorted(entry.name for entry in scan)
 
 
 def apply_to_base(
@@ -411,92 +603,78 @@ def apply_to_base(
     the merged view too. The base root keeps its own metadata (see the module docstring).
     Not atomic: after a failure the base is partly updated, and running this again with
     the same upper finishes the job. `progress` gets the count of upper entries applied,
-    every 1000 entries and at the end.
+    every 1000 entries and at the end. A base directory on another filesystem (a mount
+    point) is never gone into.
     """
-    _require_directory(base)
-    copier = _Copier(progress)
-    # The upper directories marked as holding xattr whiteouts ("" for the root).
-    marked = {""} if _overlay_mark(upper) == _HOLDS_XATTR_WHITEOUTS else set()
-    for entry in _walk(upper):
-        source = upper / entry.relative
-        destination = base / entry.relative
-        mark = None
-        if stat.S_ISDIR(entry.stat.st_mode) and not entry.leaving:
-            mark = _overlay_mark(source)
-            if mark == _HOLDS_XATTR_WHITEOUTS:
-                marked.add(entry.relative)
-        if entry.leaving:
-            copier.finish_directory(source, entry.stat, destination)
-        elif _is_whiteout(source, entry.stat, entry.relative.rpartition("/")[0] in marked):
-            _remove(destination)
-        elif stat.S_ISDIR(entry.stat.st_mode) and _is_real_directory(destination):
-            if mark == _HIDES:
-                _empty(destination)
-        else:
-            _remove(destination)
-            copier.copy(source, entry.stat, destination)
-    copier.done()
+    with (
+        Cursor(os.open(base, _BASE_FLAGS), same_device=True) as target,
+        Cursor.open(upper) as changes,
+        RegularFiles() as files,
+    ):
+        copier = _Copier(progress, base, files)
+
+        # Each upper subdirectory as (name, status, whether the base had no directory there).
+        def apply_entries(holds_xattr_whiteouts: bool) -> list[tuple[str, os.stat_result, bool]]:
+            subdirectories = []
+            for name in _names(changes.fd):
+                st = entry_status(changes.fd, name)
+                if st is None:
+                    continue
+                if _is_whiteout(changes, name, st, holds_xattr_whiteouts):
+                    remove_at(target.fd, name)
+                elif stat.S_ISDIR(st.st_mode):
+                    existing = entry_status(target.fd, name)
+                    made = existing is None or not stat.S_ISDIR(existing.st_mode)
+                    if made:
+                        remove_at(target.fd, name)
+                        os.mkdir(name, 0o700, dir_fd=target.fd)
+                    subdirectories.append((name, st, made))
+                else:
+                    remove_at(target.fd, name)
+                    copier.copy(changes, name, st, target)
+            return subdirectories
+
+        def enter(
+            subdirectory: tuple[str, os.stat_result, bool],
+        ) -> list[tuple[str, os.stat_result, bool]] | None:
+            name, _, made = subdirectory
+            if changes.down(name) is None:
+                return None
+            if target.down(name) is None:
+                changes.up()
+                raise FileNotFoundError(errno.ENOENT, "removed from the base meanwhile", name)
+            mark = _overlay_mark(changes.fd)
+            if mark == _HIDES and not made:
+                remove_children(target)
+            return apply_entries(mark == _HOLDS_XATTR_WHITEOUTS)
+
+        def leave(subdirectory: tuple[str, os.stat_result, bool]) -> None:
+            name, st, _ = subdirectory
+            changes.up()
+            target.up()
+            copier.finish_directory(changes.fd, name, st, target.fd)
+
+        root_marked = _overlay_mark(changes.fd) == _HOLDS_XATTR_WHITEOUTS
+        depth_first(apply_entries(root_marked), enter, leave)
+        copier.done()
 
 
 def reset(upper: Path) -> None:
     """Throw every change away: empty `upper`, keeping the directory, its mode and owner."""
-    _empty(upper)
+    empty_directory(upper)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    relative: str
-    stat: os.stat_result
-    # The second visit of a directory, after its content.
-    leaving: bool
-
-
-def _walk(top: Path) -> Iterator[_Entry]:
-    """Every entry below `top`, parents first, names in order, symlinks never followed.
-
-    Each directory comes again (leaving=True) after its content, for metadata that writing
-    the content would change (mtime, a read-only mode). Iterative rather than recursive:
-    a tree may be deeper than Python's recursion limit.
-    """
-    pending = _children(top, "")
-    while pending:
-        entry = pending.pop()
-        yield entry
-        if not entry.leaving and stat.S_ISDIR(entry.stat.st_mode):
-            pending.append(_Entry(entry.relative, entry.stat, leaving=True))
-            pending.extend(_children(top, entry.relative))
-
-
-def _children(top: Path, relative: str) -> list[_Entry]:
-    """The entries of one directory, last name first, ready to be popped in order."""
-    with os.scandir(top / relative) as scan:
-        found = [
-            _Entry(_join(relative, item.name), item.stat(follow_symlinks=False), leaving=False)
-            for item in scan
-        ]
-    found.sort(key=lambda entry: entry.relative, reverse=True)
-    return found
-
-
-def _join(relative: str, name: str) -> str:
-    return f"{relative}/{name}" if relative else name
-
-
-def _require_directory(path: Path) -> None:
-    if not stat.S_ISDIR(os.stat(path).st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
-
-
-def _lstat(path: str | Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def _is_real_directory(path: Path) -> bool:
-    found = _lstat(path)
-    return found is not None and stat.S_ISDIR(found.st_mode)
+def _is_whiteout(
+    directory: Cursor, name: str, st: os.stat_result, holds_xattr_whiteouts: bool
+) -> bool:
+    if stat.S_ISCHR(st.st_mode):
+        return st.st_rdev == 0
+    return (
+        holds_xattr_whiteouts
+        and stat.S_ISREG(st.st_mode)
+        and st.st_size == 0
+        and _getxattr(directory.entry_path(name), _WHITEOUT_XATTR) is not None
+    )
 
 
 # A path, whose symlink is never followed, or the descriptor of an open file (with which
@@ -513,20 +691,9 @@ def _getxattr(target: _Target, name: str) -> bytes | None:
         raise
 
 
-def _overlay_mark(directory: str | bytes | Path) -> bytes | None:
+def _overlay_mark(directory: _Target) -> bytes | None:
     """A directory's `trusted.overlay.opaque` value: _HIDES, _HOLDS_XATTR_WHITEOUTS or None."""
     return _getxattr(directory, _OPAQUE_XATTR)
-
-
-def _is_whiteout(path: Path, st: os.stat_result, holds_xattr_whiteouts: bool) -> bool:
-    if stat.S_ISCHR(st.st_mode):
-        return st.st_rdev == 0
-    return (
-        holds_xattr_whiteouts
-        and stat.S_ISREG(st.st_mode)
-        and st.st_size == 0
-        and _getxattr(path, _WHITEOUT_XATTR) is not None
-    )
 
 
 def _xattr_names(target: _Target) -> list[str]:
@@ -584,6 +751,8 @@ class _LayerWriter:
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
         self._pending = bytearray()
+        # Bytes of the current entry's content written by its header (a sparse map).
+        self._stored = 0
 
     def add(
         self,
@@ -596,18 +765,21 @@ class _LayerWriter:
         linkname: bytes = b"",
         device: int = 0,
         xattrs: dict[str, bytes] | None = None,
+        records: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
-        """The header of one entry (the caller writes a regular file's content after it)."""
+        """The header of one entry (the caller writes a regular file's content after it);
+        `records` go into its pax header after the others."""
         uid, gid, mtime = st.st_uid, st.st_gid, int(st.st_mtime)
         if (
             xattrs
+            or records
             or len(name) > _NAME_BYTES
             or len(linkname) > _NAME_BYTES
             or not (0 <= uid < _ID_LIMIT and 0 <= gid < _ID_LIMIT and 0 <= mtime < _SIZE_LIMIT)
             or size >= _SIZE_LIMIT
         ):
             uid, gid, size, mtime = self._add_pax_header(
-                name, linkname, uid, gid, size, mtime, xattrs or {}
+                name, linkname, uid, gid, size, mtime, xattrs or {}, records
             )
         self._pending += _ustar_header(
             name[:_NAME_BYTES],
@@ -632,6 +804,7 @@ class _LayerWriter:
         size: int,
         mtime: int,
         xattrs: dict[str, bytes],
+        extra: tuple[tuple[bytes, bytes], ...],
     ) -> tuple[int, int, int, int]:
         """The pax header for what the ustar header cannot hold; returns the uid, gid, size
         and mtime for the ustar header, 0 for those that moved to the pax header."""
@@ -652,6 +825,7 @@ class _LayerWriter:
             else:
                 records.append((key, b"%d" % value))
                 fields.append(0)
+        records.extend(extra)
         # Values go raw, as GNU tar writes binary xattrs; it would warn about a
         # "hdrcharset=BINARY" record, and neither it nor Go's archive/tar needs one.
         payload = b"".join(_pax_record(key, value) for key, value in records)
@@ -667,20 +841,61 @@ class _LayerWriter:
         """The OCI whiteout of `name` in the directory `prefix` (empty, or ending in "/")."""
         self.add(prefix + _WHITEOUT_PREFIX_BYTES + name, _REGTYPE, st, mode=0o600)
 
-    def copy_content(self, fd: int, size: int, name: bytes) -> None:
-        """The content of the entry just added: `size` bytes read from `fd`, padded."""
-        remaining = size
-        while remaining:
-            chunk = os.read(fd, min(remaining, _CHUNK))
-            if not chunk:
-                raise OSError(errno.EIO, f"/{os.fsdecode(name)} shrank while it was exported")
-            if len(chunk) == _CHUNK:
-                self._write_pending()
-                self._out.write(chunk)
-            else:
-                self._pending += chunk
-            remaining -= len(chunk)
-        self._pad(size)
+    def add_sparse(
+        self,
+        name: bytes,
+        st: os.stat_result,
+        size: int,
+        extents: list[tuple[int, int]],
+        xattrs: dict[str, bytes],
+    ) -> None:
+        """The header of a file of `size` bytes holding data only in `extents`, as GNU tar
+        writes PAX sparse format 1.0: the real name and size in pax records, and the
+        content starting with the map of the extents, in decimal lines. The caller writes
+        the extents' data after it with `copy_content`."""
+        map_entries = [*extents]
+        if not extents or sum(extents[-1]) < size:
+            # Readers make the file as long as the last extent's end.
+            map_entries.append((size, 0))
+        sparse_map = b"%d\n" % len(map_entries) + b"".join(
+            b"%d\n%d\n" % extent for extent in map_entries
+        )
+        sparse_map += _ZEROS[: -len(sparse_map) % _BLOCK]
+        parent, slash, own_name = name.rpartition(b"/")
+        self.add(
+            parent + slash + b"GNUSparseFile.0/" + own_name,
+            _REGTYPE,
+            st,
+            size=len(sparse_map) + sum(length for _, length in extents),
+            xattrs=xattrs,
+            records=(
+                (b"GNU.sparse.major", b"1"),
+                (b"GNU.sparse.minor", b"0"),
+                (b"GNU.sparse.name", name),
+                (b"GNU.sparse.realsize", b"%d" % size),
+            ),
+        )
+        self._pending += sparse_map
+        # The map and the data count as one content for the padding at the end.
+        self._stored = len(sparse_map)
+
+    def copy_content(self, fd: int, extents: list[tuple[int, int]], name: bytes) -> None:
+        """The content of the entry just added: the bytes of `extents` of `fd`, padded."""
+        stored, self._stored = self._stored, 0
+        for offset, length in extents:
+            end = offset + length
+            while offset < end:
+                chunk = os.pread(fd, min(end - offset, _CHUNK), offset)
+                if not chunk:
+                    raise OSError(errno.EIO, f"/{os.fsdecode(name)} shrank while it was exported")
+                if len(chunk) == _CHUNK:
+                    self._write_pending()
+                    self._out.write(chunk)
+                else:
+                    self._pending += chunk
+                offset += len(chunk)
+            stored += length
+        self._pad(stored)
 
     def _pad(self, size: int) -> None:
         """Fill the last block of `size` bytes of content, and write out a large batch."""
@@ -777,45 +992,71 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
 
 
 class _Copier:
-    """Copies entries with owner, mode, times, xattrs and hard links, counting them."""
+    """Copies entries with owner, mode, times, xattrs, hard links and holes, counting them."""
 
-    def __init__(self, progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self, progress: Callable[[int], None] | None, target_top: Path, files: RegularFiles
+    ) -> None:
         self._progress = progress
+        self._files = files
         self._count = 0
         self._reported = -1
-        # The first copy of each inode with several names, to link the others to.
-        self._first_copies: dict[tuple[int, int], Path] = {}
+        self._target_top = target_top
+        # The first copy of each inode with several names, to link the others to: the
+        # names of its directory below the target top, and its own name.
+        self._first_copies: dict[tuple[int, int], tuple[tuple[str, ...], str]] = {}
 
-    def copy(self, source: Path, st: os.stat_result, target: Path) -> None:
-        """Make the absent `target` a copy of `source`; a directory is made empty and gets
-        its metadata from `finish_directory`, once its content is in place."""
-        if stat.S_ISDIR(st.st_mode):
-            os.mkdir(target, 0o700)
-            return
+    def copy(self, source: Cursor, name: str, st: os.stat_result, target: Cursor) -> None:
+        """Make the absent entry `name` of the target directory a copy of the source's;
+        not for a directory (made empty by the caller, and given its metadata by
+        `finish_directory` once its content is in place)."""
         if st.st_nlink > 1:
-            first = self._first_copies.setdefault((st.st_dev, st.st_ino), target)
-            if first != target:
-                os.link(first, target, follow_symlinks=False)
+            key = (st.st_dev, st.st_ino)
+            first = self._first_copies.get(key)
+            if first is not None:
+                self._link(first, target.fd, name)
                 self._counted()
                 return
+            self._first_copies[key] = (tuple(target.names), name)
         if stat.S_ISREG(st.st_mode):
-            _copy_content(source, target)
-        elif stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(source), target)
+            fd, st = self._files.open(source.fd, name)
+            if fd is not None:
+                try:
+                    _copy_content(fd, st, name, target.fd)
+                finally:
+                    os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return  # made since it was listed as something else: gone from the listing
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=source.fd), name, dir_fd=target.fd)
         elif stat.S_ISFIFO(st.st_mode):
-            os.mkfifo(target, 0o600)
-        else:
-            os.mknod(target, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev)
-        _copy_metadata(source, st, target)
+            os.mkfifo(name, 0o600, dir_fd=target.fd)
+        elif not stat.S_ISREG(st.st_mode):
+            os.mknod(name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=target.fd)
+        _copy_metadata(source.fd, name, st, target.fd)
         self._counted()
 
-    def finish_directory(self, source: Path, st: os.stat_result, target: Path) -> None:
-        _copy_metadata(source, st, target)
+    def finish_directory(
+        self, source_fd: int, name: str, st: os.stat_result, target_fd: int
+    ) -> None:
+        _copy_metadata(source_fd, name, st, target_fd)
         self._counted()
 
     def done(self) -> None:
         if self._progress is not None and self._reported != self._count:
             self._progress(self._count)
+
+    def _link(self, first: tuple[tuple[str, ...], str], target_fd: int, name: str) -> None:
+        """Link `name` to the first copy, reached from the target top one directory at a
+        time (its path may be longer than PATH_MAX)."""
+        directories, first_name = first
+        with Cursor.open(self._target_top) as cursor:
+            for directory in directories:
+                if cursor.down(directory) is None:
+                    raise FileNotFoundError(errno.ENOENT, "gone from the copy", directory)
+            os.link(
+                first_name, name, src_dir_fd=cursor.fd, dst_dir_fd=target_fd, follow_symlinks=False
+            )
 
     def _counted(self) -> None:
         self._count += 1
@@ -824,58 +1065,47 @@ class _Copier:
             self._reported = self._count
 
 
-def _copy_content(source: Path, target: Path) -> None:
-    source_fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _copy_content(source_fd: int, st: os.stat_result, name: str, target_fd: int) -> None:
+    """A copy of the open regular file as the new file `name`, holes kept."""
+    size = st.st_size
+    extents = _data_extents(source_fd, size) if st.st_blocks * 512 < size else [(0, size)]
+    copy_fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=target_fd)
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        target_fd = os.open(target, flags, 0o600)
-        try:
-            while os.sendfile(target_fd, source_fd, None, _CHUNK):
-                pass
-        finally:
-            os.close(target_fd)
+        for offset, length in extents:
+            os.lseek(copy_fd, offset, os.SEEK_SET)
+            end = offset + length
+            while offset < end:
+                sent = os.sendfile(copy_fd, source_fd, offset, min(end - offset, _CHUNK))
+                if not sent:
+                    break  # shrank meanwhile: the copy is of what was there
+                offset += sent
+        os.ftruncate(copy_fd, size)
     finally:
-        os.close(source_fd)
+        os.close(copy_fd)
 
 
-def _copy_metadata(source: Path, st: os.stat_result, target: Path) -> None:
+def _copy_metadata(source_fd: int, name: str | None, st: os.stat_result, target_fd: int) -> None:
+    """Give the entry `name` of the target directory the metadata of the source's; with
+    no name, the target directory itself that of the source directory."""
+    source: _Target = source_fd if name is None else f"/proc/self/fd/{source_fd}/{name}"
+    target: _Target = target_fd if name is None else f"/proc/self/fd/{target_fd}/{name}"
+    follows = name is None
     # chown drops set-id bits and security.capability, so it comes before both.
-    os.chown(target, st.st_uid, st.st_gid, follow_symlinks=False)
-    wanted = _xattrs(source)
-    for name in _xattr_names(target):
-        if name not in wanted:
-            os.removexattr(target, name, follow_symlinks=False)
-    for name, value in wanted.items():
-        os.setxattr(target, name, value, follow_symlinks=False)
-    # Linux has no mode for a symlink itself.
-    if not stat.S_ISLNK(st.st_mode):
-        os.chmod(target, stat.S_IMODE(st.st_mode))
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def _copy_tree(source: Path, target: Path, progress: Callable[[int], None] | None) -> None:
-    copier = _Copier(progress)
-    os.mkdir(target, 0o700)
-    for entry in _walk(source):
-        if entry.leaving:
-            copier.finish_directory(source / entry.relative, entry.stat, target / entry.relative)
-        else:
-            copier.copy(source / entry.relative, entry.stat, target / entry.relative)
-    _copy_metadata(source, os.lstat(source), target)
-    copier.done()
-
-
-def _remove(path: Path) -> None:
-    """Delete whatever is at `path`, a whole tree for a directory; nothing when absent."""
-    found = _lstat(path)
-    if found is None:
-        return
-    if stat.S_ISDIR(found.st_mode):
-        shutil.rmtree(path)
+    if name is None:
+        os.chown(target_fd, st.st_uid, st.st_gid)
     else:
-        path.unlink()
-
-
-def _empty(directory: Path) -> None:
-    for name in os.listdir(directory):
-        _remove(directory / name)
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=target_fd, follow_symlinks=False)
+    wanted = _xattrs(source)
+    for key in _xattr_names(target):
+        if key not in wanted:
+            os.removexattr(target, key, follow_symlinks=follows)
+    for key, value in wanted.items():
+        os.setxattr(target, key, value, follow_symlinks=follows)
+    # Linux has no mode for a symlink itself.
+    if name is None:
+        os.chmod(target_fd, stat.S_IMODE(st.st_mode))
+        os.utime(target_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=target_fd)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=target_fd, follow_symlinks=False)

@@ -7,6 +7,7 @@ volume's lock to change it.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -284,15 +285,72 @@ def _human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+_ESCAPES = {
+    "\\": "\\\\",
+    "\n": "\\n",
+    "\t": "\\t",
+    "\r": "\\r",
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\v": "\\v",
+}
+
+
+def quote(text: str) -> str:
+    """`text` (a path, decoded with surrogateescape) as one line of plain output that no
+    name can forge: a backslash, control characters and what is not printable become C
+    escapes (\\n, \\t, \\\\, ...), each other byte of them, and each byte that is not
+    UTF-8, \\xHH."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    quoted = []
+    for character in text:
+        if character in _ESCAPES:
+            quoted.append(_ESCAPES[character])
+        elif character.isprintable():
+            quoted.append(character)
+        else:
+            raw = os.fsencode(character)
+            quoted.append("".join(f"\\x{byte:02x}" for byte in raw))
+    return "".join(quoted)
+
+
+def _json_path(path: str) -> dict[str, str]:
+    """A path for JSON output, lossless: "Path" as text, and when the name is not UTF-8
+    (its invalid bytes then shown as U+FFFD), "PathBytes", the raw bytes in base64."""
+    if path.isascii():
+        return {"Path": path}
+    raw = os.fsencode(path)
+    try:
+        return {"Path": raw.decode()}
+    except UnicodeDecodeError:
+        return {
+            "Path": raw.decode(errors="replace"),
+            "PathBytes": base64.b64encode(raw).decode(),
+        }
+
+
+def _write(text: str) -> None:
+    """Plain output as UTF-8 whatever the locale: what is not text was quoted before."""
+    sys.stdout.buffer.write(text.encode(errors="surrogateescape"))
+
+
+def _warn(volume: str, path: str, reason: str) -> None:
+    print(f"docker-on-top: {volume}: {quote(path)}: {reason}", file=sys.stderr)
+
+
 def _print_table(volumes: Sequence[VolumeDetails]) -> None:
     rows = [("NAME", "BASE", "VOLATILE", "IN USE", "CHANGES")]
     rows += [
         (
             v.name,
-            v.base,
+            quote(v.base),
             "yes" if v.volatile else "no",
             str(sum(v.mounts.values())),
-            _human_size(v.changes_bytes),
+            f"error: {v.error}"
+            if v.error or v.changes_bytes is None
+            else _human_size(v.changes_bytes),
         )
         for v in volumes
     ]
@@ -302,7 +360,8 @@ def _print_table(volumes: Sequence[VolumeDetails]) -> None:
 def _print_columns(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
-        print("   ".join(cell.ljust(width) for cell, width in zip(row, widths)), row[-1])
+        cells = (cell.ljust(width) for cell, width in zip(row, widths))
+        _write("   ".join(cells) + " " + row[-1] + "\n")
 
 
 def _terminal_progress(verb: str) -> Progress | None:
@@ -316,17 +375,21 @@ def _terminal_progress(verb: str) -> Progress | None:
 
 
 def _export(commands: VolumeCommands, volume: str, output: str) -> None:
+    def report(path: str, reason: str) -> None:
+        _warn(volume, path, reason)
+
     if output == "-":
         if sys.stdout.isatty():
             raise SystemExit("docker-on-top: refusing to write a tar to a terminal; use -o FILE")
-        commands.export(volume, sys.stdout.buffer)
+        commands.export(volume, sys.stdout.buffer, report)
         return
-    # Written aside and renamed at the end: a failure leaves no half-written file.
+    # Written aside and renamed at the end: a failure, or a stop by a signal (see
+    # run_command), leaves no half-written file.
     target = Path(output)
     partial = target.with_name(f".{target.name}.partial")
     try:
         with open(partial, "wb") as out:
-            commands.export(volume, out)
+            commands.export(volume, out, report)
         partial.rename(target)
     finally:
         with suppress(FileNotFoundError):
@@ -348,7 +411,7 @@ def _commit(commands: VolumeCommands, arguments: argparse.Namespace) -> int:
         return 0
     base = commands.details(arguments.volume).base
     if not arguments.yes and not _confirm(
-        f"Apply the changes of volume {arguments.volume} onto {base}? This changes the base."
+        f"Apply the changes of volume {arguments.volume} onto {quote(base)}? This changes the base."
     ):
         print("docker-on-top: not confirmed; nothing changed (use --yes)", file=sys.stderr)
         return 1
@@ -361,6 +424,24 @@ def _commit(commands: VolumeCommands, arguments: argparse.Namespace) -> int:
 COMMAND_LOCK_TIMEOUT_S = 30.0
 
 
+class _Stopped(BaseException):
+    """A signal asked a volume command to stop: it unwinds, cleaning up on the way (a
+    BaseException, as KeyboardInterrupt is, so that no handler of errors takes it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise _Stopped(signum)
+
+
+_STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# As a shell reports a command killed by SIGPIPE.
+_BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
+
+
 def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
     setup_logging("warning")
     store = VolumeStore(settings.root, settings.host_root, lock_timeout=COMMAND_LOCK_TIMEOUT_S)
@@ -370,30 +451,43 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         return 1
     runs: dict[str, Callable[[], int | None]] = {
         "ls": lambda: _ls(commands, arguments.json),
-        "inspect": lambda: print(
-            json.dumps(commands.details(arguments.volume).to_json(), indent=2)
-        ),
+        "inspect": lambda: _inspect(commands, arguments.volume),
         "diff": lambda: _diff(commands, arguments.volume, arguments.json, arguments.since),
         "export": lambda: _export(commands, arguments.volume, arguments.output),
         "reset": lambda: commands.reset(arguments.volume),
         "commit": lambda: _commit(commands, arguments),
         "doctor": lambda: _doctor(commands, settings.name, arguments),
-        "snapshot": lambda: print(_snapshot(store, arguments.target)),
+        "snapshot": lambda: _write(_snapshot(store, arguments.target) + "\n"),
         "snapshots": lambda: _snapshots(store, arguments.volume, arguments.json),
         "rollback": lambda: VolumeSnapshots(store).rollback(*_named(arguments.target)),
         "destroy": lambda: VolumeSnapshots(store).destroy(*_named(arguments.target)),
         "resize": lambda: commands.resize(arguments.volume, arguments.size),
     }
+    # Handlers can only be set from the main thread (not so when a test calls main).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {
+        signum: signal.signal(signum, _stop) for signum in _STOPPING_SIGNALS if in_main_thread
+    }
     try:
-        return runs[arguments.command]() or 0
+        status = runs[arguments.command]() or 0
+        sys.stdout.flush()
+        return status
     except PluginError as error:
         subject = getattr(arguments, "volume", None) or getattr(arguments, "target", None)
         print(f"docker-on-top: {subject + ': ' if subject else ''}{error}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader (e.g. `| head`) went away; say nothing more.
+        # The reader (e.g. `| head`) went away: end quietly, as other tools do. What is
+        # still buffered would fail again at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return _BROKEN_PIPE_STATUS
+    except _Stopped as stopped:
+        return 128 + stopped.signum
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _doctor(commands: VolumeCommands, driver_name: str, arguments: argparse.Namespace) -> int:
@@ -431,12 +525,12 @@ def _named(target: str) -> tuple[str, str]:
 def _snapshots(store: VolumeStore, volume: str | None, as_json: bool) -> None:
     found = VolumeSnapshots(store).list(volume)
     if as_json:
-        print(json.dumps([snapshot.to_json() for snapshot in found], indent=2))
+        _write(json.dumps([snapshot.to_json() for snapshot in found], indent=2) + "\n")
         return
     rows = [("VOLUME@NAME", "CREATED", "SIZE", "USED BY")]
     rows += [
         (
-            f"{s.volume}@{s.name}",
+            f"{s.volume}@{quote(s.name)}",
             s.created_at,
             "?" if s.size_bytes is None else _human_size(s.size_bytes),
             ", ".join(s.used_by),
@@ -446,21 +540,37 @@ def _snapshots(store: VolumeStore, volume: str | None, as_json: bool) -> None:
     _print_columns(rows)
 
 
-def _ls(commands: VolumeCommands, as_json: bool) -> None:
-    volumes = commands.all_details()
+def _ls(commands: VolumeCommands, as_json: bool) -> int:
+    """Every volume, also when some cannot be read (each says why on its own line);
+    status 1 then."""
+    volumes = list(commands.all_details())
     if as_json:
-        print(json.dumps([v.to_json() for v in volumes], indent=2))
+        _write(json.dumps([v.to_json() for v in volumes], indent=2) + "\n")
     else:
         _print_table(volumes)
+    return 1 if any(v.error for v in volumes) else 0
+
+
+def _inspect(commands: VolumeCommands, volume: str) -> int:
+    details = commands.details(volume)
+    _write(json.dumps(details.to_json(), indent=2) + "\n")
+    return 1 if details.error else 0
 
 
 def _diff(commands: VolumeCommands, volume: str, as_json: bool, since: str | None) -> None:
+    """The changes as they are found, written as they come: memory stays small however
+    many there are."""
     found = commands.diff(volume, since)
-    if as_json:
-        print(json.dumps([{"Kind": c.kind, "Path": c.path} for c in found], indent=2))
-    else:
+    if not as_json:
         for change in found:
-            print(change.kind, change.path)
+            _write(f"{change.kind} {quote(change.path)}\n")
+        return
+    separator = "\n"
+    _write("[")
+    for change in found:
+        _write(separator + "  " + json.dumps({"Kind": change.kind, **_json_path(change.path)}))
+        separator = ",\n"
+    _write("\n]\n" if separator != "\n" else "]\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,15 @@ class VolumeDetails:
     mountpoint: str
     mounted: bool  # what the kernel's mount table says
     mounts: Mapping[str, int]  # usage count by mount ID: the records
-    changes_bytes: int
+    # Disk usage of the changes, and the sizes of their files; None when unreadable.
+    changes_bytes: int | None
+    changes_apparent_bytes: int | None
+    # Why some of the above could not be read; empty when all could.
+    error: str = ""
+
+    @classmethod
+    def unreadable(cls, name: str, error: str) -> VolumeDetails:
+        return cls(name, Metadata("", False), "", "", False, {}, None, None, error)
 
     @property
     def base(self) -> str:
@@ -63,8 +71,11 @@ class VolumeDetails:
             "Mounted": self.mounted,
             "Mounts": dict(self.mounts),
             "ChangesBytes": self.changes_bytes,
+            "ChangesApparentBytes": self.changes_apparent_bytes,
         }
-        if not self.metadata.in_go_format:
+        if self.error:
+            found["Error"] = self.error
+        if self.metadata.base_dir and not self.metadata.in_go_format:
             found.update(
                 Bases=list(self.metadata.bases),
                 Layers=list(self.metadata.layers),
@@ -83,39 +94,60 @@ class VolumeCommands:
         self.releases = releases if releases is not None else PendingReleases()
 
     def details(self, name: str) -> VolumeDetails:
+        """Everything known about a volume; a walk of its changes that fails (a container
+        may be changing them meanwhile) is told in `error`, the rest is still given."""
         volume = self.store.volume(name)
         metadata, created_at = self.store.metadata_and_creation(volume)
         try:
-            if metadata.size_limit is None:
-                changes_bytes = changes.changes_size(volume.upper)
-            else:
-                changes_bytes = overlay.storage_usage(volume, metadata)[0]
-            return VolumeDetails(
-                name=name,
-                metadata=metadata,
-                created_at=created_at,
-                mountpoint=str(volume.mountpoint),
-                mounted=kernel.is_mount_point(volume.mountpoint),
-                mounts={i: usage_count(volume, i) or 0 for i in volume.records.ids()},
-                changes_bytes=changes_bytes,
-            )
+            mounted = kernel.is_mount_point(volume.mountpoint)
+            mounts = {i: usage_count(volume, i) or 0 for i in volume.records.ids()}
         except OSError as error:
             raise InternalError(f"failed to read volume {name}", error) from error
+        size: tuple[int, int] | None = None
+        problem = ""
+        try:
+            if metadata.size_limit is None:
+                size = changes.changes_size(volume.upper)
+            else:
+                used = overlay.storage_usage(volume, metadata)[0]
+                size = (used, used)
+        except OSError as error:
+            problem = f"failed to read the volume's changes: {error}"
+        return VolumeDetails(
+            name=name,
+            metadata=metadata,
+            created_at=created_at,
+            mountpoint=str(volume.mountpoint),
+            mounted=mounted,
+            mounts=mounts,
+            changes_bytes=None if size is None else size[0],
+            changes_apparent_bytes=None if size is None else size[1],
+            error=problem,
+        )
 
-    def all_details(self) -> list[VolumeDetails]:
-        return [self.details(volume.name) for volume in self.store.volumes()]
+    def all_details(self) -> Iterator[VolumeDetails]:
+        """The details of every volume, one at a time; one that cannot be read is told in
+        its own `error`, one removed meanwhile is left out."""
+        for volume in self.store.volumes():
+            try:
+                yield self.details(volume.name)
+            except PluginError as error:
+                if volume.exists():
+                    yield VolumeDetails.unreadable(volume.name, str(error))
 
-    def diff(self, name: str, since: str | None = None) -> list[changes.Change]:
-        """The changes since the volume's last snapshot (against all its lower layers),
-        or since its snapshot `since`: then each later layer's changes, and the volume's
-        own, are taken in turn against what lay below them and added up path by path."""
+    def diff(self, name: str, since: str | None = None) -> Iterator[changes.Change]:
+        """The changes since the volume's last snapshot (against all its lower layers), as
+        they are found; or since its snapshot `since`: then each later layer's changes,
+        and the volume's own, are taken in turn against what lay below them and added up
+        path by path (and given sorted, once all are known)."""
         volume = self.store.volume(name)
         metadata = self.store.metadata(volume)
         try:
             with _own_changes(self.store, volume, metadata) as upper:
                 if since is None:
                     with _lower_view(self.store, self.store.lowers(metadata)) as below:
-                        return list(changes.diff(upper, below))
+                        yield from changes.diff(upper, below)
+                    return
                 start = metadata.layers.index(_named_snapshot(metadata, name, since).layer) + 1
                 summed: dict[str, str] = {}
                 for index in range(start, len(metadata.layers) + 1):
@@ -129,22 +161,28 @@ class VolumeCommands:
                         _add_up(summed, changes.diff(changed, below))
         except OSError as error:
             raise InternalError("failed to read the volume's changes", error) from error
-        return [changes.Change(kind, path) for path, kind in sorted(summed.items())]
+        for path, kind in sorted(summed.items()):
+            yield changes.Change(kind, path)
 
-    def export(self, reference: str, out: BinaryIO) -> None:
+    def export(
+        self, reference: str, out: BinaryIO, report: changes.Report = changes.report_nothing
+    ) -> None:
         """VOLUME: its changes since its last snapshot; VOLUME@NAME: the layer NAME froze,
-        each as an OCI image layer over what lies below it."""
+        each as an OCI image layer over what lies below it. What a layer cannot carry is
+        left out and told to `report`."""
         volume_name, snapshot = parse_reference(reference)
         volume = self.store.volume(volume_name)
         metadata = self.store.metadata(volume)
         try:
             if snapshot is None:
                 with _own_changes(self.store, volume, metadata) as upper:
-                    changes.export_layer(upper, out)
+                    changes.export_layer(upper, out, report)
                 return
             layer = _named_snapshot(metadata, volume_name, snapshot).layer
-            changes.export_layer(self.store.layers.tree(layer), out)
-        except (OSError, ValueError) as error:
+            changes.export_layer(self.store.layers.tree(layer), out, report)
+        except BrokenPipeError:
+            raise  # the reader went away: the caller's business, not a failure here
+        except OSError as error:
             raise InternalError("failed to export the volume's changes", error) from error
 
     def reset(self, name: str) -> None:

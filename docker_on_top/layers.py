@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from . import kernel
 from .volume import Volume, fsync_directory, write_atomically
+from .walk import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,14 @@ class LayerStore:
             os.rename(folder, doomed)
         except FileNotFoundError:
             return
-        shutil.rmtree(doomed)
+        remove_tree(doomed)
 
     def collect(self, in_use: set[str], candidates: Iterable[str] | None = None) -> list[str]:
         """Under the lock: remove the layers (of `candidates`, or all) not `in_use`, and
         what removals a crash cut short left. Returns the ids removed."""
         for leftover in self.folder.glob(".removed.*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            with suppress(OSError):
+                remove_tree(leftover)
         removed = []
         for layer in self.ids() if candidates is None else candidates:
             if layer not in in_use and (self.folder / layer).exists():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 from contextlib import suppress
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from .errors import InternalError, UserError
 from .metadata import Metadata
 from .store import VolumeStore
 from .volume import Volume
+from .walk import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ def _mount_storage(volume: Volume, metadata: Metadata, *, fresh: bool) -> tuple[
     upper, work = volume.limit / "upper", volume.limit / "work"
     with suppress(FileExistsError):
         os.mkdir(upper, 0o755)
-    with suppress(FileNotFoundError):
-        shutil.rmtree(work)  # only the kernel's scratch files of an earlier mount
+    remove_tree(work)  # only the kernel's scratch files of an earlier mount
     os.mkdir(work, 0o700)
     return upper, work, mounted_here
 
@@ -124,8 +123,7 @@ def release_storage(volume: Volume) -> None:
     if not os.path.isdir(volume.limit):
         return
     if kernel.is_mount_point(volume.limit):
-        with suppress(FileNotFoundError):
-            shutil.rmtree(volume.limit / "work")
+        remove_tree(volume.limit / "work")
         try:
             volume.record_usage(sizelimit.usage(volume.limit))
         except OSError as error:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 
 from . import kernel, overlay
@@ -22,7 +21,8 @@ from .errors import InternalError, PluginError
 from .releases import PendingReleases
 from .snapshots import VolumeSnapshots
 from .store import VolumeStore
-from .volume import REMOVED_PREFIX, Volume
+from .volume import PRIVATE_MODE, REMOVED_PREFIX, Volume, make_private
+from .walk import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
     Raises InternalError for a volume that can be neither recognised nor cleaned,
     since serving on top of it could mount the wrong thing.
     """
-    store.root.mkdir(parents=True, exist_ok=True)
+    store.root.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
+    _make_folders_private(store)
     _finish_removals(store)
     report = RecoveryReport()
     _remove_views(store)
@@ -93,6 +94,24 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
     return report
 
 
+def _make_folders_private(store: VolumeStore) -> None:
+    """Tighten a state root and volume folders made open to others (by an earlier
+    version, or by the Go plugin, which makes them 0755)."""
+    tightened = 0
+    for folder in [store.root, *(volume.folder for volume in store.volumes())]:
+        try:
+            tightened += make_private(folder)
+        except OSError as error:
+            log.error("cannot take the access of other users away from %s: %s", folder, error)
+    if tightened:
+        log.warning(
+            "took the access of other users away from %d folder(s) under %s: a container's"
+            " setuid files must not be runnable by host users",
+            tightened,
+            store.root,
+        )
+
+
 def _settle_snapshot(store: VolumeStore, volume: Volume) -> None:
     """Finish or undo a snapshot of the volume that a crash cut short (see layers.py)."""
     try:
@@ -132,7 +151,7 @@ def _finish_removals(store: VolumeStore) -> None:
         try:
             if kernel.is_mount_point(leftover / "mountpoint"):
                 kernel.unmount(leftover / "mountpoint", flags=kernel.MNT_DETACH)
-            shutil.rmtree(leftover)
+            remove_tree(leftover)
         except OSError as error:
             log.warning("cannot finish removing %s: %s", leftover, error)
         else:

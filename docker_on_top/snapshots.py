@@ -126,7 +126,7 @@ class VolumeSnapshots:
         found = []
         for owner, snapshot in named:
             try:
-                size: int | None = changes.changes_size(self.layers.tree(snapshot.layer))
+                size: int | None = changes.changes_size(self.layers.tree(snapshot.layer)).disk_bytes
             except OSError:
                 size = None
             found.append(

@@ -15,6 +15,8 @@ Layout (shared with docker-on-top v0.1.2, so either plugin can run on the same r
                                     volatile one: a tmpfs there instead)
     <root>/<name>/unreleased.json   releases still to apply (ours only), when some failed
 
+The state root and each `<root>/<name>/` are 0700 (PRIVATE_MODE): see below.
+
 The invariant everything else follows: a record in `activemounts/` guarantees a user
 and a mounted overlay; a mounted overlay on its own guarantees nothing. So a record is
 written only after the overlay is mounted and removed before it is unmounted: a crash
@@ -28,7 +30,7 @@ import json
 import logging
 import os
 import re
-import shutil
+import stat
 import threading
 import time
 import weakref
@@ -39,6 +41,7 @@ from pathlib import Path
 
 from . import changes, kernel, sizelimit
 from .metadata import Metadata, rfc3339
+from .walk import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,20 @@ NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 NAME_MAX_BYTES = 255  # NAME_MAX: a volume name and a mount ID each become one file name
 # A volume folder being removed is renamed to this prefix: no volume name starts with ".".
 REMOVED_PREFIX = ".removed."
+# The state root and each volume folder give others no access at all: `upper/` holds
+# whatever a container wrote, setuid-root files included, and any access for others
+# (even the execute bit alone) would let a host user run them by their path. As for
+# /var/lib/docker (CVE-2021-41091).
+PRIVATE_MODE = 0o700
+
+
+def make_private(folder: str | Path) -> bool:
+    """Take all access away from group and others; True when they had some."""
+    mode = stat.S_IMODE(os.lstat(folder).st_mode)
+    if not mode & 0o077:
+        return False
+    os.chmod(folder, mode & PRIVATE_MODE)
+    return True
 
 
 def write_atomically(path: str | Path, data: bytes, staging: str | Path, *, durable: bool) -> None:
@@ -244,7 +261,7 @@ class Volume:
 
         Raises FileExistsError, untouched, when the volume exists already.
         """
-        self.folder.mkdir()
+        self.folder.mkdir(mode=PRIVATE_MODE)
         try:
             if metadata.size_limit is None:
                 self.upper.mkdir()
@@ -254,7 +271,8 @@ class Volume:
             self.write_metadata(metadata)
             fsync_directory(self.folder.parent)
         except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            with suppress(OSError):
+                remove_tree(self.folder)
             raise
 
     @cached_property
@@ -377,7 +395,7 @@ class Volume:
         # Not named after the volume: a name of NAME_MAX bytes leaves no room for a prefix.
         doomed = self.folder.with_name(f"{REMOVED_PREFIX}{os.urandom(8).hex()}")
         os.rename(self.folder, doomed)
-        shutil.rmtree(doomed)
+        remove_tree(doomed)
 
     def make_mount_folders(self, *, workdir: bool = True) -> list[Path]:
         """Create `mountpoint/` and an empty `workdir/` (unless a sized volume keeps it
@@ -398,7 +416,7 @@ class Volume:
                     self.workdir.mkdir()
                 except FileExistsError:
                     log.warning("volume %s: emptying the leftover %s", self.name, self.workdir)
-                    shutil.rmtree(self.workdir)
+                    remove_tree(self.workdir)
                     self.workdir.mkdir()
                 created.append(self.workdir)
         except OSError:
@@ -409,7 +427,7 @@ class Volume:
     def remove_folders(self, folders: list[Path]) -> None:
         for folder in folders:
             if folder == self.workdir:
-                shutil.rmtree(folder)
+                remove_tree(folder)
             else:
                 folder.rmdir()
 
@@ -423,7 +441,7 @@ class Volume:
         except FileNotFoundError:
             pass
         except OSError:
-            shutil.rmtree(self.workdir)
+            remove_tree(self.workdir)
 
     def discard_changes(self) -> None:
         changes.reset(self.upper)

@@ -226,7 +226,7 @@ def test_diff_lists_every_kind_of_change(
     """The same changes whether diff looks each upper name up in the base directories or
     lists them (it picks by their sizes; here every one is looked up, or listed)."""
     monkeypatch.setattr(changes, "_BASE_LISTING_BYTES_PER_UPPER_ENTRY", listing_bytes)
-    assert diff(changed.volume.upper, changed.volume.base) == EXPECTED_DIFF
+    assert list(diff(changed.volume.upper, changed.volume.base)) == EXPECTED_DIFF
 
 
 def test_diff_looks_names_up_rather_than_list_a_huge_base_directory(
@@ -246,12 +246,13 @@ def test_diff_looks_names_up_rather_than_list_a_huge_base_directory(
     listed: list[str] = []
     scandir = os.scandir
 
-    def spy(path: str) -> Iterator[os.DirEntry[str]]:
-        listed.append(str(path))
-        return scandir(path)
+    def spy(directory: int) -> Iterator[os.DirEntry[str]]:
+        # diff lists directories by descriptor: record the directory each one is.
+        listed.append(os.readlink(f"/proc/self/fd/{directory}"))
+        return scandir(directory)
 
     monkeypatch.setattr(os, "scandir", spy)
-    assert diff(volume.upper, volume.base) == [
+    assert list(diff(volume.upper, volume.base)) == [
         Change("C", "/huge"),
         Change("C", "/huge/file00001"),
         Change("D", "/huge/file00002"),
@@ -280,7 +281,7 @@ def test_xattr_whiteouts_count_in_a_directory_marked_x(volume: Volume, workspace
     # Unmarked, it is the empty file that it is.
     (volume.upper / "keep.txt").touch()
     os.setxattr(volume.upper / "keep.txt", "trusted.overlay.whiteout", b"")
-    assert diff(volume.upper, volume.base) == [
+    assert list(diff(volume.upper, volume.base)) == [
         Change("C", "/dir"),
         Change("D", "/dir/inner.txt"),
         Change("C", "/keep.txt"),
@@ -296,14 +297,15 @@ def test_xattr_whiteouts_count_in_a_directory_marked_x(volume: Volume, workspace
 
 
 def test_diff_leaves_the_garbage_collector_as_it_was(changed: Changed) -> None:
-    """diff pauses the cyclic collector while it runs (see _cyclic_gc_paused)."""
+    """diff once paused the cyclic collector while it built its list; it streams now,
+    and must still leave the collector as it found it."""
     volume = changed.volume
     assert gc.isenabled()
-    assert diff(volume.upper, volume.base) == EXPECTED_DIFF
+    assert list(diff(volume.upper, volume.base)) == EXPECTED_DIFF
     assert gc.isenabled()
     gc.disable()
     try:
-        diff(volume.upper, volume.base)
+        list(diff(volume.upper, volume.base))
         assert not gc.isenabled()
     finally:
         gc.enable()
@@ -311,13 +313,13 @@ def test_diff_leaves_the_garbage_collector_as_it_was(changed: Changed) -> None:
 
 def test_diff_of_an_untouched_volume_is_empty(volume: Volume) -> None:
     volume.unmount()
-    assert diff(volume.upper, volume.base) == []
-    assert changes_size(volume.upper) == 0
+    assert list(diff(volume.upper, volume.base)) == []
+    assert changes_size(volume.upper) == (0, 0)
 
 
 def test_a_whiteout_with_nothing_below_it_is_no_change(changed: Changed) -> None:
     (changed.volume.base / "delete.txt").unlink()
-    assert Change("D", "/delete.txt") not in diff(changed.volume.upper, changed.volume.base)
+    assert Change("D", "/delete.txt") not in list(diff(changed.volume.upper, changed.volume.base))
 
 
 def test_user_overlay_xattrs_are_plain_data_for_the_kernel(volume: Volume) -> None:
@@ -327,7 +329,7 @@ def test_user_overlay_xattrs_are_plain_data_for_the_kernel(volume: Volume) -> No
     os.setxattr(mnt / "dir", "user.overlay.opaque", b"y")
     assert sorted(os.listdir(mnt / "dir")) == ["inner.txt", "sub"]
     volume.unmount()
-    assert diff(volume.upper, volume.base) == [Change("C", "/dir")]
+    assert list(diff(volume.upper, volume.base)) == [Change("C", "/dir")]
     apply_to_base(volume.upper, volume.base)
     assert sorted(os.listdir(volume.base / "dir")) == ["inner.txt", "sub"]
     assert "user.overlay.opaque" not in os.listxattr(volume.base / "dir")
@@ -471,12 +473,27 @@ def test_export_writes_in_chunks_of_bounded_size(
     assert max(sizes) < 2 * 4096
 
 
-def test_export_refuses_a_name_that_a_layer_reads_as_a_whiteout(volume: Volume) -> None:
+def test_export_leaves_out_and_reports_a_name_that_a_layer_reads_as_a_whiteout(
+    volume: Volume,
+) -> None:
+    """Issue 12: such a name made export fail, so any container could block exports."""
     (volume.mountpoint / ".wh.keep.txt").write_text("just a file\n")
+    (volume.mountpoint / "dir" / ".wh.x").write_text("just a file\n")
+    (volume.mountpoint / "new.txt").write_text("new\n")
     volume.unmount()
-    assert diff(volume.upper, volume.base) == [Change("A", "/.wh.keep.txt")]
-    with pytest.raises(ValueError, match=r"\.wh\.keep\.txt"):
-        export_layer(volume.upper, io.BytesIO())
+    assert list(diff(volume.upper, volume.base)) == [
+        Change("A", "/.wh.keep.txt"),
+        Change("C", "/dir"),
+        Change("A", "/dir/.wh.x"),
+        Change("A", "/new.txt"),
+    ]
+    reported: list[tuple[str, str]] = []
+    out = io.BytesIO()
+    export_layer(volume.upper, out, lambda path, reason: reported.append((path, reason)))
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        assert tar.getnames() == ["dir", "new.txt"]
+    assert [path for path, _ in reported] == ["/.wh.keep.txt", "/dir/.wh.x"]
+    assert all("deletion" in reason for _, reason in reported)
 
 
 def test_merge_into_copies_the_merged_view(changed: Changed, workspace: Path) -> None:
@@ -569,13 +586,15 @@ def test_apply_to_base_then_reset_gives_the_merged_view(changed: Changed) -> Non
 def test_reset_gives_back_the_base_view(changed: Changed) -> None:
     volume = changed.volume
     reset(volume.upper)
-    assert diff(volume.upper, volume.base) == []
-    assert changes_size(volume.upper) == 0
+    assert list(diff(volume.upper, volume.base)) == []
+    assert changes_size(volume.upper) == (0, 0)
     volume.mount()
     assert below_root(snapshot(volume.mountpoint)) == below_root(snapshot(volume.base))
 
 
-def test_changes_size_counts_regular_files_once_per_inode(volume: Volume) -> None:
+def test_changes_size_counts_each_inode_once(volume: Volume) -> None:
+    """Disk usage counts the blocks of every inode (directories too); the apparent size,
+    the sizes of the regular files."""
     mnt = volume.mountpoint
     (mnt / "big").write_bytes(b"x" * 10_000)
     os.link(mnt / "big", mnt / "big2")
@@ -585,7 +604,12 @@ def test_changes_size_counts_regular_files_once_per_inode(volume: Volume) -> Non
     (mnt / "newdir").mkdir()
     (mnt / "newlink").symlink_to("big")
     volume.unmount()
-    assert changes_size(volume.upper) == 10_000 + len("base change.txt\nmore\n")
+    upper = volume.upper
+    blocks = sum(
+        os.lstat(upper / name).st_blocks * 512
+        for name in ("big", "change.txt", "delete.txt", "newdir", "newlink")
+    )
+    assert changes_size(upper) == (blocks, 10_000 + len("base change.txt\nmore\n"))
 
 
 def test_apply_to_base_never_writes_through_a_base_symlink(volume: Volume, workspace: Path) -> None:
@@ -598,7 +622,7 @@ def test_apply_to_base_never_writes_through_a_base_symlink(volume: Volume, works
     (volume.mountpoint / "escape").mkdir()
     (volume.mountpoint / "escape" / "f").write_text("inside the volume\n")
     volume.unmount()
-    assert [c for c in diff(volume.upper, volume.base) if "escape" in c.path] == [
+    assert [c for c in list(diff(volume.upper, volume.base)) if "escape" in c.path] == [
         Change("C", "/escape"),
         Change("A", "/escape/f"),
     ]

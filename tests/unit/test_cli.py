@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from docker_on_top.cli import main
+from docker_on_top.cli import _human_size, main
 from docker_on_top.driver import Driver
 
 from ..trees import apply_oci_layer, below_root, snapshot, without_times
@@ -37,13 +38,20 @@ def run(root: Path, *argv: str) -> int:
     return main([*argv, "--root", str(root)])
 
 
+def disk_usage(upper: Path) -> int:
+    """What the changes `b` and `c` of the fixture take on disk (the whiteout `a` none)."""
+    return sum(os.lstat(upper / name).st_blocks * 512 for name in ("a", "b", "c"))
+
+
 def test_ls_shows_base_use_and_size(
     root: Path, base: Path, changed: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The size shown is the disk usage of the changes (issue 12: a sparse file of 1 TB
+    showed as 1.1 TB)."""
     assert run(root, "ls") == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == ["NAME", "BASE", "VOLATILE", "IN", "USE", "CHANGES"]
-    assert row.split() == ["v", str(base), "no", "0", "6B"]
+    assert row.split() == ["v", str(base), "no", "0", _human_size(disk_usage(root / "v" / "upper"))]
 
 
 def test_ls_json(root: Path, base: Path, changed: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -52,7 +60,8 @@ def test_ls_json(root: Path, base: Path, changed: Path, capsys: pytest.CaptureFi
     assert volume["Name"] == "v"
     assert volume["Base"] == str(base)
     assert volume["Mounts"] == {}
-    assert volume["ChangesBytes"] == 6
+    assert volume["ChangesBytes"] == disk_usage(root / "v" / "upper")
+    assert volume["ChangesApparentBytes"] == 6
 
 
 def test_inspect_shows_the_records_of_a_volume_in_use(

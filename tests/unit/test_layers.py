@@ -434,4 +434,4 @@ def test_diff_since_an_older_snapshot_adds_up_the_later_layers(driver: Driver, b
     assert since_two == [(c.kind, c.path) for c in commands_of(driver).diff("v")]
     assert ("A", "/a") in since_two
     with pytest.raises(UserError, match="no snapshot"):
-        commands_of(driver).diff("v", since="three")
+        list(commands_of(driver).diff("v", since="three"))
