@@ -127,9 +127,8 @@ class Driver:
             has_records = volume.records.exists()
             layers: tuple[str, ...] = ()
             with self.store.locked(volume) if has_records else nullcontext():
-                described = self.store.described(volume)
-                if described is not None and described[1] is not None:
-                    layers = described[1].layers
+                if self.store.layers.folder.is_dir():  # else no volume has layers
+                    layers = self._layers_of(volume)
                 if has_records and volume.records.in_use():
                     # Records go before the overlay, as at every unmount.
                     log.warning(
@@ -228,6 +227,15 @@ class Driver:
                 self.releases.keep(volume, mount_id)
             raise
         log.debug("unmounted volume %s for %s", name, mount_id)
+
+    def _layers_of(self, volume: Volume) -> tuple[str, ...]:
+        """The layers a volume being removed lists, for those no other volume uses to go
+        too; when its metadata cannot be read, they wait for the next collection."""
+        described = self.store.described(volume)
+        if described is None or described[1] is None:
+            log.warning("volume %s: its layers are left for the next start to collect", volume.name)
+            return ()
+        return described[1].layers
 
     def _listed(self, volume: Volume, *, mounted: bool) -> VolumeInfo | None:
         described = self.store.described(volume)
