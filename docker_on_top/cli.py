@@ -7,7 +7,6 @@ volume's lock to change it.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
 from .doctor import doctor
 from .driver import Driver
 from .errors import PluginError, UserError
+from .output import human_size, json_path, print_columns, quote, write
 from .recovery import recover
 from .releases import PendingReleases
 from .server import PluginServer, StartupError
@@ -276,66 +276,6 @@ def _report_stuck_volumes(store: VolumeStore, releases: PendingReleases, driver_
 # --- volume commands ------------------------------------------------------------------
 
 
-def _human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
-
-_ESCAPES = {
-    "\\": "\\\\",
-    "\n": "\\n",
-    "\t": "\\t",
-    "\r": "\\r",
-    "\a": "\\a",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\v": "\\v",
-}
-
-
-def quote(text: str) -> str:
-    """`text` (a path, decoded with surrogateescape) as one line of plain output that no
-    name can forge: a backslash, control characters and what is not printable become C
-    escapes (\\n, \\t, \\\\, ...), each other byte of them, and each byte that is not
-    UTF-8, \\xHH."""
-    if text.isprintable() and "\\" not in text:
-        return text
-    quoted = []
-    for character in text:
-        if character in _ESCAPES:
-            quoted.append(_ESCAPES[character])
-        elif character.isprintable():
-            quoted.append(character)
-        else:
-            raw = os.fsencode(character)
-            quoted.append("".join(f"\\x{byte:02x}" for byte in raw))
-    return "".join(quoted)
-
-
-def _json_path(path: str) -> dict[str, str]:
-    """A path for JSON output, lossless: "Path" as text, and when the name is not UTF-8
-    (its invalid bytes then shown as U+FFFD), "PathBytes", the raw bytes in base64."""
-    if path.isascii():
-        return {"Path": path}
-    raw = os.fsencode(path)
-    try:
-        return {"Path": raw.decode()}
-    except UnicodeDecodeError:
-        return {
-            "Path": raw.decode(errors="replace"),
-            "PathBytes": base64.b64encode(raw).decode(),
-        }
-
-
-def _write(text: str) -> None:
-    """Plain output as UTF-8 whatever the locale: what is not text was quoted before."""
-    sys.stdout.buffer.write(text.encode(errors="surrogateescape"))
-
-
 def _warn(volume: str, path: str, reason: str) -> None:
     print(f"docker-on-top: {volume}: {quote(path)}: {reason}", file=sys.stderr)
 
@@ -350,18 +290,11 @@ def _print_table(volumes: Sequence[VolumeDetails]) -> None:
             str(sum(v.mounts.values())),
             f"error: {v.error}"
             if v.error or v.changes_bytes is None
-            else _human_size(v.changes_bytes),
+            else human_size(v.changes_bytes),
         )
         for v in volumes
     ]
-    _print_columns(rows)
-
-
-def _print_columns(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths))
-        _write("   ".join(cells) + " " + row[-1] + "\n")
+    print_columns(rows)
 
 
 def _terminal_progress(verb: str) -> Progress | None:
@@ -457,7 +390,7 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         "reset": lambda: commands.reset(arguments.volume),
         "commit": lambda: _commit(commands, arguments),
         "doctor": lambda: _doctor(commands, settings.name, arguments),
-        "snapshot": lambda: _write(_snapshot(store, arguments.target) + "\n"),
+        "snapshot": lambda: write(_snapshot(store, arguments.target) + "\n"),
         "snapshots": lambda: _snapshots(store, arguments.volume, arguments.json),
         "rollback": lambda: VolumeSnapshots(store).rollback(*_named(arguments.target)),
         "destroy": lambda: VolumeSnapshots(store).destroy(*_named(arguments.target)),
@@ -525,19 +458,19 @@ def _named(target: str) -> tuple[str, str]:
 def _snapshots(store: VolumeStore, volume: str | None, as_json: bool) -> None:
     found = VolumeSnapshots(store).list(volume)
     if as_json:
-        _write(json.dumps([snapshot.to_json() for snapshot in found], indent=2) + "\n")
+        write(json.dumps([snapshot.to_json() for snapshot in found], indent=2) + "\n")
         return
     rows = [("VOLUME@NAME", "CREATED", "SIZE", "USED BY")]
     rows += [
         (
             f"{s.volume}@{quote(s.name)}",
             s.created_at,
-            "?" if s.size_bytes is None else _human_size(s.size_bytes),
+            "?" if s.size_bytes is None else human_size(s.size_bytes),
             ", ".join(s.used_by),
         )
         for s in found
     ]
-    _print_columns(rows)
+    print_columns(rows)
 
 
 def _ls(commands: VolumeCommands, as_json: bool) -> int:
@@ -545,7 +478,7 @@ def _ls(commands: VolumeCommands, as_json: bool) -> int:
     status 1 then."""
     volumes = list(commands.all_details())
     if as_json:
-        _write(json.dumps([v.to_json() for v in volumes], indent=2) + "\n")
+        write(json.dumps([v.to_json() for v in volumes], indent=2) + "\n")
     else:
         _print_table(volumes)
     return 1 if any(v.error for v in volumes) else 0
@@ -553,7 +486,7 @@ def _ls(commands: VolumeCommands, as_json: bool) -> int:
 
 def _inspect(commands: VolumeCommands, volume: str) -> int:
     details = commands.details(volume)
-    _write(json.dumps(details.to_json(), indent=2) + "\n")
+    write(json.dumps(details.to_json(), indent=2) + "\n")
     return 1 if details.error else 0
 
 
@@ -563,14 +496,14 @@ def _diff(commands: VolumeCommands, volume: str, as_json: bool, since: str | Non
     found = commands.diff(volume, since)
     if not as_json:
         for change in found:
-            _write(f"{change.kind} {quote(change.path)}\n")
+            write(f"{change.kind} {quote(change.path)}\n")
         return
     separator = "\n"
-    _write("[")
+    write("[")
     for change in found:
-        _write(separator + "  " + json.dumps({"Kind": change.kind, **_json_path(change.path)}))
+        write(separator + "  " + json.dumps({"Kind": change.kind, **json_path(change.path)}))
         separator = ",\n"
-    _write("\n]\n" if separator != "\n" else "]\n")
+    write("\n]\n" if separator != "\n" else "]\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

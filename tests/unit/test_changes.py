@@ -17,13 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from docker_on_top import changes, kernel
+from docker_on_top import kernel
 from docker_on_top.changes import (
     Change,
     apply_to_base,
     changes_size,
     diff,
+    diff_walk,
     export_layer,
+    layer_tar,
+    merge,
     merge_into,
     reset,
 )
@@ -225,7 +228,7 @@ def test_diff_lists_every_kind_of_change(
 ) -> None:
     """The same changes whether diff looks each upper name up in the base directories or
     lists them (it picks by their sizes; here every one is looked up, or listed)."""
-    monkeypatch.setattr(changes, "_BASE_LISTING_BYTES_PER_UPPER_ENTRY", listing_bytes)
+    monkeypatch.setattr(diff_walk, "_BASE_LISTING_BYTES_PER_UPPER_ENTRY", listing_bytes)
     assert list(diff(changed.volume.upper, changed.volume.base)) == EXPECTED_DIFF
 
 
@@ -423,7 +426,7 @@ def test_export_keeps_what_a_ustar_header_cannot_hold(workspace: Path) -> None:
     os.utime(upper / "old", (0, -100))
     (upper / os.fsdecode(b"not utf-8 \xff")).write_text("bytes\n")
     os.setxattr(upper / "ids", "user.binary", b"\xff\x00\n=")
-    (upper / "big").write_bytes(os.urandom(3 * changes._CHUNK + 5))
+    (upper / "big").write_bytes(os.urandom(3 * layer_tar._CHUNK + 5))
     (upper / "plain").write_text("plain\n")
     expected = without_times(below_root(snapshot(upper)))
     layer = export_through_a_pipe(upper)
@@ -458,7 +461,7 @@ def test_export_writes_in_chunks_of_bounded_size(
     (upper / "large").write_bytes(os.urandom(50_000))
     whole = io.BytesIO()
     export_layer(upper, whole)
-    monkeypatch.setattr(changes, "_CHUNK", 4096)
+    monkeypatch.setattr(layer_tar, "_CHUNK", 4096)
     sizes: list[int] = []
 
     class Recorder(io.BytesIO):
@@ -546,7 +549,7 @@ def test_merge_progress_comes_every_so_many_entries(
     volume: Volume, workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every 10 rather than every 1000 entries: creating files is slow on some disks.
-    monkeypatch.setattr(changes, "_PROGRESS_EVERY", 10)
+    monkeypatch.setattr(merge, "_PROGRESS_EVERY", 10)
     many = volume.mountpoint / "many"
     many.mkdir()
     for index in range(25):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from docker_on_top.cli import _human_size, main
+from docker_on_top.cli import main
 from docker_on_top.driver import Driver
+from docker_on_top.output import human_size
 
 from ..trees import apply_oci_layer, below_root, snapshot, without_times
 
@@ -51,7 +52,7 @@ def test_ls_shows_base_use_and_size(
     assert run(root, "ls") == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == ["NAME", "BASE", "VOLATILE", "IN", "USE", "CHANGES"]
-    assert row.split() == ["v", str(base), "no", "0", _human_size(disk_usage(root / "v" / "upper"))]
+    assert row.split() == ["v", str(base), "no", "0", human_size(disk_usage(root / "v" / "upper"))]
 
 
 def test_ls_json(root: Path, base: Path, changed: Path, capsys: pytest.CaptureFixture[str]) -> None:
