@@ -22,6 +22,7 @@ from . import __version__, docker_api, systemd
 from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
 from .driver import Driver, Progress, VolumeDetails
 from .errors import PluginError
+from .plugin_api import PluginAPI
 from .server import PluginServer, StartupError
 
 log = logging.getLogger("docker_on_top")
@@ -181,7 +182,7 @@ def _inherited_socket() -> socket.socket | None:
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level)
     driver = Driver(settings.root, settings.host_root)
-    server = PluginServer(driver, settings.socket)
+    server = PluginServer(PluginAPI(driver), settings.socket)
     try:
         # Bind first: a second instance must be refused before its recovery touches
         # the state of the first. Requests wait in the listen queue meanwhile.
