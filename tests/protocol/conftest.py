@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,6 +329,29 @@ def flock_held(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+# The number of flock(2) on the machines the tests run on (/proc/TID/syscall shows it).
+_FLOCK_SYSCALL = {"x86_64": 73, "aarch64": 32}
+
+
+def threads_in_flock(pid: int) -> int:
+    """How many threads of the process wait in flock(2) (on a volume's lock) right now."""
+    number = str(_FLOCK_SYSCALL[os.uname().machine])
+    waiting = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0] == number:
+                waiting += 1
+    return waiting
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.01)
 
 
 # --- the daemon ------------------------------------------------------------------------
