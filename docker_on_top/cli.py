@@ -22,8 +22,9 @@ from . import __version__, docker_api, systemd
 from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
 from .driver import Driver, Progress, VolumeDetails
 from .errors import PluginError
+from .listener import Listener, StartupError
 from .plugin_api import PluginAPI
-from .server import PluginServer, StartupError
+from .server import PluginServer
 
 log = logging.getLogger("docker_on_top")
 
@@ -182,15 +183,14 @@ def _inherited_socket() -> socket.socket | None:
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level)
     driver = Driver(settings.root, settings.host_root)
-    server = PluginServer(PluginAPI(driver), settings.socket)
     try:
         # Bind first: a second instance must be refused before its recovery touches
         # the state of the first. Requests wait in the listen queue meanwhile.
         inherited = _inherited_socket()
         if inherited is None:
-            server.bind()
+            listener = Listener.bind(settings.socket)
         else:
-            server.adopt(inherited)
+            listener = Listener.adopt(inherited)
             log.info("serving on the socket passed by systemd")
     except (StartupError, OSError) as error:
         log.error("cannot start: %s", error)
@@ -199,8 +199,9 @@ def serve(settings: Settings) -> int:
         driver.recover()
     except (PluginError, OSError) as error:
         log.error("cannot start: %s", error)
-        server.close()
+        listener.close()
         return 1
+    server = PluginServer(PluginAPI(driver), listener)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
     # In the background: dockerd may itself be waiting for this plugin to answer.

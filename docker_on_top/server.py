@@ -1,14 +1,15 @@
 """The plugin's socket server: HTTP/1.1 connections on a unix socket, kept by one
-event-loop thread and a bounded pool of worker threads. It moves bytes, keeps time and
-runs threads; what a request means is the application's (plugin_api.py), how bytes
-frame requests is wire's. It knows nothing of volumes or endpoints.
+event-loop thread and a bounded pool of worker threads (workers.py). It moves bytes,
+keeps time and hands out work; what a request means is the application's
+(plugin_api.py), how bytes frame requests is wire's, the listening socket and its file
+are listener.py's. It knows nothing of volumes or endpoints.
 
 The loop thread accepts, reads, frames, sends, and times out every connection, and
 answers itself the requests the application says cannot block (they only read state),
 so those never wait for a thread, whatever the workers are doing. The others go to the
 pool: at most MAX_WORKERS threads, one started when work finds none idle, each ending
-after WORKER_IDLE_S without work; work beyond that waits in the pool's queue while the
-loop goes on serving. A worker answers the request, sends the reply itself (so all the
+after a while without work; work beyond that waits in the pool's queue while the loop
+goes on serving. A worker answers the request, sends the reply itself (so all the
 syscalls of a request, up to its reply, are on one thread; tests/faults counts on it),
 and hands the connection back to the loop through the wake-up pipe; the loop sends what
 did not fit in the socket's buffer. While a worker has a connection, the loop does not
@@ -32,16 +33,14 @@ import logging
 import os
 import selectors
 import socket
-import stat
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from contextlib import suppress
-from pathlib import Path
 from typing import Protocol
 
+from .listener import Listener
 from .wire import CONTINUE, BadRequest, Request, RequestReader, Response, encode_response
+from .workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ _DRAIN_READS = 64
 # Requests of different volumes run at once up to this many; the requests of one volume
 # wait for each other on its lock anyway.
 MAX_WORKERS = 16
-WORKER_IDLE_S = 2.0
 
 
 class Application(Protocol):
@@ -71,63 +69,6 @@ class Application(Protocol):
     def answer(self, request: Request) -> Response: ...
     def refuse(self, reason: str) -> Response: ...
     def undelivered(self, request: Request, response: Response) -> None: ...
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says why and what to do."""
-
-
-class _Workers:
-    """At most `most` threads running jobs in the order given; a thread starts when a
-    job finds none idle, and ends after WORKER_IDLE_S without work or at `close`."""
-
-    def __init__(self, most: int) -> None:
-        self._most = most
-        self._lock = threading.Lock()
-        self._work_came = threading.Condition(self._lock)
-        self._jobs: deque[Callable[[], None]] = deque()
-        self._threads: set[threading.Thread] = set()
-        self._idle = 0  # threads waiting for a job
-        self._closed = False
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            self._jobs.append(job)
-            # Each idle thread takes one job when it wakes: wake one if there are more
-            # idle threads than jobs not yet taken, otherwise start one.
-            if self._idle >= len(self._jobs):
-                self._work_came.notify()
-            elif len(self._threads) < self._most:
-                thread = threading.Thread(target=self._work, name="worker", daemon=True)
-                self._threads.add(thread)
-                thread.start()
-
-    def close(self) -> None:
-        """Run the jobs still queued, then end every thread."""
-        with self._lock:
-            self._closed = True
-            self._work_came.notify_all()
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join()
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                deadline = time.monotonic() + WORKER_IDLE_S
-                while not self._jobs:
-                    left = deadline - time.monotonic()
-                    if self._closed or left <= 0:
-                        self._threads.discard(threading.current_thread())
-                        return
-                    self._idle += 1
-                    self._work_came.wait(left)
-                    self._idle -= 1
-                job = self._jobs.popleft()
-            try:
-                job()
-            except Exception:
-                log.exception("a worker's job failed")
 
 
 class _State(enum.Enum):
@@ -175,14 +116,12 @@ class _Client:
 
 
 class PluginServer:
-    def __init__(self, application: Application, socket_path: Path) -> None:
-        self.socket_path = socket_path
+    def __init__(self, application: Application, listener: Listener) -> None:
         self._app = application
+        self._listener: Listener | None = listener
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._listener: socket.socket | None = None
-        self._socket_inode = 0
         self._stop_requested = False
-        self._workers = _Workers(MAX_WORKERS)
+        self._workers = Workers(MAX_WORKERS)
         # Connections that workers hand back: whether their reply went out (all of it,
         # or the rest is in `unsent`), or not.
         self._handed_back: deque[tuple[_Client, bool]] = deque()
@@ -191,48 +130,6 @@ class PluginServer:
         self._clients: set[_Client] = set()
         self._pending: deque[_Client] = deque()
         self._next_sweep = 0.0
-
-    # --- the socket ----------------------------------------------------------------
-
-    def bind(self) -> None:
-        """Create the listening socket, replacing a stale socket file left by a crash."""
-        path = self.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            mode = path.lstat().st_mode
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(mode):
-                raise StartupError(f"{path} exists and is not a socket; move it away first")
-            if _socket_answers(path):
-                raise StartupError(
-                    f"another plugin instance is already serving on {path}; stop it first, "
-                    "or give this one another --name or --socket"
-                )
-            log.warning("replacing the stale socket %s left by an earlier run", path)
-            path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(path))
-            os.chmod(path, 0o660)
-            if os.geteuid() == 0:
-                os.chown(path, 0, 0)
-            listener.listen(128)
-        except OSError:
-            listener.close()
-            raise
-        self._socket_inode = path.stat().st_ino
-        self._listener = listener
-
-    def adopt(self, listener: socket.socket) -> None:
-        """Serve on a listening socket made by someone else (systemd socket activation).
-
-        Its file belongs to its maker: it is never removed here.
-        """
-        if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-            raise StartupError("the inherited socket is not a unix stream socket")
-        self._listener = listener
 
     def request_stop(self) -> None:
         """Ask `serve` to stop; safe from a signal handler and from any thread."""
@@ -247,9 +144,9 @@ class PluginServer:
     def serve(self) -> None:
         """Serve until `request_stop`; then finish the requests begun (those queued for a
         worker too) and return."""
-        assert self._listener is not None, "bind() first"
-        self._listener.setblocking(False)
-        self._selector.register(self._listener, selectors.EVENT_READ)
+        assert self._listener is not None, "serve() runs once"
+        self._listener.socket.setblocking(False)
+        self._selector.register(self._listener.socket, selectors.EVENT_READ)
         self._selector.register(self._wake_read, selectors.EVENT_READ)
         self._next_sweep = time.monotonic() + _SWEEP_INTERVAL_S
         try:
@@ -265,7 +162,7 @@ class PluginServer:
             while self._listener is not None or self._clients:
                 timeout = max(0.0, self._next_sweep - time.monotonic())
                 for key, events in self._selector.select(timeout):
-                    if key.fileobj is self._listener:
+                    if self._listener is not None and key.fileobj is self._listener.socket:
                         self._accept()
                     elif key.data is None:  # the wake-up pipe
                         with suppress(BlockingIOError):
@@ -289,20 +186,11 @@ class PluginServer:
                 self._stop_listening()
             raise
 
-    def close(self) -> None:
-        """Give up the socket without serving (a start that failed after `bind`)."""
-        if self._listener is not None:
-            self._listener.close()
-            self._remove_own_socket()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
-
     def _stop_listening(self) -> None:
         assert self._listener is not None
-        self._selector.unregister(self._listener)
+        self._selector.unregister(self._listener.socket)
         self._listener.close()
         self._listener = None
-        self._remove_own_socket()
         idle = [c for c in self._clients if c.state in (_State.IDLE, _State.DRAINING)]
         for client in idle:
             self._close(client)
@@ -315,7 +203,7 @@ class PluginServer:
         assert self._listener is not None
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = self._listener.socket.accept()
             except BlockingIOError:
                 return
             except OSError as error:
@@ -524,25 +412,3 @@ class PluginServer:
             client = self._pending.popleft()
             if client in self._clients and client.state is _State.RECEIVING:
                 self._take_request(client)
-
-    def _remove_own_socket(self) -> None:
-        # A second instance may have replaced our socket file meanwhile; leave theirs alone.
-        if not self._socket_inode:
-            return  # adopted, not ours
-        try:
-            if self.socket_path.stat().st_ino == self._socket_inode:
-                self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _socket_answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True

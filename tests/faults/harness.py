@@ -231,7 +231,7 @@ def wait_settled(pid: int, timeout: float = ATTACH_TIMEOUT_S) -> None:
 
 def wait_idle_threads(pid: int, timeout: float = ATTACH_TIMEOUT_S) -> None:
     """Wait until the loop's is the daemon's only thread: the workers have ended, as they
-    do after server.WORKER_IDLE_S without work."""
+    do after workers.WORKER_IDLE_S without work."""
     deadline = time.monotonic() + timeout
     while len(threads_of(pid)) > 1:
         if time.monotonic() > deadline:

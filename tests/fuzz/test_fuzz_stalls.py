@@ -27,7 +27,7 @@ from .conftest import FuzzTarget, fuzz_settings, restore_volumes
 PROMPT_S = 0.5
 # server.MAX_CONNECTIONS: the daemon refuses connections beyond it.
 MAX_CONNECTIONS = 512
-# Once idle, the event loop's thread alone: workers end after server.WORKER_IDLE_S.
+# Once idle, the event loop's thread alone: workers end after workers.WORKER_IDLE_S.
 IDLE_THREADS = 1
 
 FULL_GET = http_request("/VolumeDriver.Get", b'{"Name": "v"}')

@@ -414,7 +414,7 @@ def test_memory_stays_flat_over_ten_thousand_requests(
     idle_threads = settled_status(daemon.pid, 1)["Threads"]
     idle_fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
     requests_for_memory(ws, WARM_UP_REQUESTS, rng)
-    # The workers that answered the requests end after server.WORKER_IDLE_S without work.
+    # The workers that answered the requests end after workers.WORKER_IDLE_S without work.
     settled_threads = idle_threads
     warm = settled_status(daemon.pid, settled_threads)
     started = time.monotonic()
