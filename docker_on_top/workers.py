@@ -1,6 +1,7 @@
 """A bounded pool of threads for work that may block: at most `most` threads run the
 jobs in the order given; one starts when a job finds none idle, and each ends after
-WORKER_IDLE_S without work, so an idle daemon holds no thread but its loop's."""
+WORKER_IDLE_S without work, so an idle daemon holds no thread but its loop's. It
+knows nothing of what the jobs do (server.py gives them)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ class Workers:
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
             self._jobs.append(job)
-            # Each idle thread takes one job when it wakes: wake one if there are more
-            # idle threads than jobs not yet taken, otherwise start one.
+            # Each idle thread takes one job when it wakes: wake one if the idle threads
+            # are at least as many as the jobs not yet taken, otherwise start one.
             if self._idle >= len(self._jobs):
                 self._work_came.notify()
             elif len(self._threads) < self._most:
