@@ -47,6 +47,7 @@ import changes_walk  # noqa: E402
 import docker_bench  # noqa: E402
 import kernel_floor  # noqa: E402
 import protocol  # noqa: E402
+import sized  # noqa: E402
 
 # The Go original (docker-on-top v0.1.2), measured on this kind of machine with the same
 # kind of client, as quoted in the benchmark issue: the comparison when no --compare
@@ -440,6 +441,11 @@ def report(results: dict) -> str:
     walk = results.get("changes_walk")
     if walk:
         lines += ["", changes_walk.report(walk)]
+    limits = results.get("sized") or {}
+    if "skipped" in limits:
+        lines += ["", f"Size limits: skipped ({limits['skipped']})"]
+    elif limits:
+        lines += ["", sized.report(limits)]
     return "\n".join(lines)
 
 
@@ -511,6 +517,16 @@ def tmpfs_part(workspace: Path, name: str, iterations: int, daemons: list[Daemon
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def sized_part(workspace: Path, quick: bool) -> dict:
+    """bench/sized.py; where it cannot run (no e2fsprogs, no loop devices) or fails, that
+    is noted in the results and the run goes on."""
+    try:
+        return sized.run(str(workspace), quick)
+    except Exception as error:
+        log(f"the size-limit part failed: {error}")
+        return {"skipped": f"failed: {type(error).__name__}: {error}"}
+
+
 def compare(arguments: argparse.Namespace, workspace: Path, iterations: int, scale: int) -> dict:
     """bench/protocol.py against the other implementation on --compare, as for ours."""
     log(f"the same protocol benchmark against {arguments.compare} (--compare)")
@@ -550,6 +566,8 @@ def run(arguments: argparse.Namespace, workspace: Path, daemons: list[Daemon]) -
     results["kernel_floor"] = kernel_floor.run(str(workspace), iterations=iterations, warmup=20)
     log("diff and export of a large upper against a find walk")
     results["changes_walk"] = changes_walk.run(10_000 if arguments.quick else 100_000)
+    log("size limits: ext4 images on loop devices, sized tmpfs")
+    results["sized"] = sized_part(workspace, arguments.quick)
 
     daemon = Daemon(name, root, socket_path, workspace / "daemon.log")
     daemons.append(daemon)

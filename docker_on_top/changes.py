@@ -358,7 +358,7 @@ def changes_size(upper: Path) -> int:
 
 def merge_into(
     upper: Path,
-    base: Path,
+    lowers: list[Path],
     target: Path,
     *,
     progress: Callable[[int], None] | None = None,
@@ -376,14 +376,14 @@ def merge_into(
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, "the target exists already", str(target))
     destination = target.parent.resolve()
-    for layer in (upper, base):
+    for layer in (upper, *lowers):
         if destination.is_relative_to(layer.resolve()):
             raise ValueError(f"the target {target} lies inside {layer}")
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     view = scratch / "view"
     try:
         view.mkdir()
-        kernel.mount_read_only_overlay([upper, base], view)
+        kernel.mount_read_only_overlay([upper, *lowers], view)
         try:
             _copy_tree(view, scratch / "tree", progress)
         finally:

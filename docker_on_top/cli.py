@@ -1,6 +1,6 @@
 """The command line: the daemon (`serve`, the default), commands to see and manage
 a volume's changes, and `install-systemd`. The volume commands work on the state root
-directly, with or without a running daemon, through the same driver, and take the
+directly, with or without a running daemon, through the same modules as the daemon, and take the
 volume's lock to change it.
 """
 
@@ -19,12 +19,18 @@ from contextlib import suppress
 from pathlib import Path
 
 from . import __version__, docker_api, systemd
+from .commands import Progress, VolumeCommands, VolumeDetails
 from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
-from .driver import Driver, Progress, VolumeDetails
-from .errors import PluginError
+from .doctor import doctor
+from .driver import Driver
+from .errors import PluginError, UserError
 from .listener import Listener, StartupError
 from .plugin_api import PluginAPI
+from .recovery import recover
+from .releases import PendingReleases
 from .server import PluginServer
+from .snapshots import VolumeSnapshots
+from .store import VolumeStore, parse_reference
 
 log = logging.getLogger("docker_on_top")
 
@@ -93,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diff.add_argument("volume")
     diff.add_argument("--json", action="store_true", help="print JSON")
-    export = command("export", "write a volume's changes as an OCI image-layer tar")
-    export.add_argument("volume")
+    export = command(
+        "export",
+        "write a volume's changes since its last snapshot, or the layer VOLUME@NAME froze, "
+        "as an OCI image-layer tar",
+    )
+    export.add_argument("volume", metavar="VOLUME[@NAME]")
     export.add_argument("-o", "--output", default="-", help="file to write, or - for stdout")
     reset = command("reset", "throw all of a volume's changes away")
     reset.add_argument("volume")
@@ -106,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--into-base", action="store_true", help="apply the changes onto the base itself"
     )
     commit.add_argument("--yes", action="store_true", help="do not ask before changing the base")
+    snapshot = command(
+        "snapshot",
+        "freeze a volume's changes as a read-only layer (VOLUME@NAME; NAME defaults to the "
+        "time) and print its name",
+    )
+    snapshot.add_argument("target", metavar="VOLUME[@NAME]")
+    snapshots = command("snapshots", "list snapshots: name, volume, time, size, users")
+    snapshots.add_argument("volume", nargs="?", help="only this volume's")
+    snapshots.add_argument("--json", action="store_true", help="print JSON")
+    rollback = command(
+        "rollback", "throw away what a volume changed since a snapshot, later snapshots too"
+    )
+    rollback.add_argument("target", metavar="VOLUME@NAME")
+    destroy = command("destroy", "remove a snapshot's name (its layer goes when unused)")
+    destroy.add_argument("target", metavar="VOLUME@NAME")
+    resize = command("resize", "change the size limit of a volume's changes (grow or shrink)")
+    resize.add_argument("volume")
+    resize.add_argument("size", help="bytes, with k, M, G or T (powers of 1024), e.g. 20G")
     doctor = command(
         "doctor", "find volumes whose records disagree with the mount table or with dockerd"
     )
@@ -182,7 +210,8 @@ def _inherited_socket() -> socket.socket | None:
 
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_level)
-    driver = Driver(settings.root, settings.host_root)
+    store = VolumeStore(settings.root, settings.host_root)
+    releases = PendingReleases()
     try:
         # Bind first: a second instance must be refused before its recovery touches
         # the state of the first. Requests wait in the listen queue meanwhile.
@@ -196,16 +225,16 @@ def serve(settings: Settings) -> int:
         log.error("cannot start: %s", error)
         return 1
     try:
-        driver.recover()
+        recover(store, releases)
     except (PluginError, OSError) as error:
         log.error("cannot start: %s", error)
         listener.close()
         return 1
-    server = PluginServer(PluginAPI(driver), listener)
+    server = PluginServer(PluginAPI(Driver(store, releases)), listener)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
     # In the background: dockerd may itself be waiting for this plugin to answer.
-    threading.Thread(target=_start_up_checks, args=(driver, settings), daemon=True).start()
+    threading.Thread(target=_start_up_checks, args=(store, releases, settings), daemon=True).start()
     log.info(
         "serving driver %s on %s (state root %s)", settings.name, settings.socket, settings.root
     )
@@ -214,17 +243,21 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def _start_up_checks(driver: Driver, settings: Settings) -> None:
-    _report_stuck_volumes(driver, settings.name)
+def _start_up_checks(store: VolumeStore, releases: PendingReleases, settings: Settings) -> None:
+    try:
+        _report_stuck_volumes(store, releases, settings.name)
+    except Exception:
+        # The registration below matters more than the report (Swarm needs it).
+        log.exception("the start-up check of the volumes failed")
     # Only a socket where dockerd discovers legacy plugins can be registered; a managed
     # plugin (host root set) is registered by dockerd itself when it is enabled.
     if settings.host_root is None and settings.socket.parent == docker_api.PLUGIN_DIR:
         docker_api.register_driver(settings.name)
 
 
-def _report_stuck_volumes(driver: Driver, driver_name: str) -> None:
+def _report_stuck_volumes(store: VolumeStore, releases: PendingReleases, driver_name: str) -> None:
     try:
-        findings = driver.doctor(None, docker_api.volume_users(driver_name), fix=False)
+        findings = doctor(store, releases, None, docker_api.volume_users(driver_name), fix=False)
     except PluginError as error:
         log.warning("start-up check of the volumes failed: %s", error)
         return
@@ -258,6 +291,10 @@ def _print_table(volumes: Sequence[VolumeDetails]) -> None:
         )
         for v in volumes
     ]
+    _print_columns(rows)
+
+
+def _print_columns(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
         print("   ".join(cell.ljust(width) for cell, width in zip(row, widths)), row[-1])
@@ -273,18 +310,18 @@ def _terminal_progress(verb: str) -> Progress | None:
     return show
 
 
-def _export(driver: Driver, volume: str, output: str) -> None:
+def _export(commands: VolumeCommands, volume: str, output: str) -> None:
     if output == "-":
         if sys.stdout.isatty():
             raise SystemExit("docker-on-top: refusing to write a tar to a terminal; use -o FILE")
-        driver.export(volume, sys.stdout.buffer)
+        commands.export(volume, sys.stdout.buffer)
         return
     # Written aside and renamed at the end: a failure leaves no half-written file.
     target = Path(output)
     partial = target.with_name(f".{target.name}.partial")
     try:
         with open(partial, "wb") as out:
-            driver.export(volume, out)
+            commands.export(volume, out)
         partial.rename(target)
     finally:
         with suppress(FileNotFoundError):
@@ -298,41 +335,54 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _commit(driver: Driver, arguments: argparse.Namespace) -> int:
+def _commit(commands: VolumeCommands, arguments: argparse.Namespace) -> int:
     if arguments.into is not None:
-        driver.commit_into(
+        commands.commit_into(
             arguments.volume, arguments.into.absolute(), _terminal_progress("copied")
         )
         return 0
-    base = driver.details(arguments.volume).base
+    base = commands.details(arguments.volume).base
     if not arguments.yes and not _confirm(
         f"Apply the changes of volume {arguments.volume} onto {base}? This changes the base."
     ):
         print("docker-on-top: not confirmed; nothing changed (use --yes)", file=sys.stderr)
         return 1
-    driver.commit_into_base(arguments.volume, _terminal_progress("applied"))
+    commands.commit_into_base(arguments.volume, _terminal_progress("applied"))
     return 0
+
+
+# A command waits longer than a request for a volume's lock: nobody gives up on it, and
+# what holds the lock is most often a request of a few milliseconds.
+COMMAND_LOCK_TIMEOUT_S = 30.0
 
 
 def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
     setup_logging("warning")
-    driver = Driver(settings.root, settings.host_root)
+    store = VolumeStore(settings.root, settings.host_root, lock_timeout=COMMAND_LOCK_TIMEOUT_S)
+    commands = VolumeCommands(store)
     if not settings.root.is_dir():
         print(f"docker-on-top: no state root at {settings.root}", file=sys.stderr)
         return 1
-    commands: dict[str, Callable[[], int | None]] = {
-        "ls": lambda: _ls(driver, arguments.json),
-        "inspect": lambda: print(json.dumps(driver.details(arguments.volume).to_json(), indent=2)),
-        "diff": lambda: _diff(driver, arguments.volume, arguments.json),
-        "export": lambda: _export(driver, arguments.volume, arguments.output),
-        "reset": lambda: driver.reset(arguments.volume),
-        "commit": lambda: _commit(driver, arguments),
-        "doctor": lambda: _doctor(driver, settings.name, arguments),
+    runs: dict[str, Callable[[], int | None]] = {
+        "ls": lambda: _ls(commands, arguments.json),
+        "inspect": lambda: print(
+            json.dumps(commands.details(arguments.volume).to_json(), indent=2)
+        ),
+        "diff": lambda: _diff(commands, arguments.volume, arguments.json),
+        "export": lambda: _export(commands, arguments.volume, arguments.output),
+        "reset": lambda: commands.reset(arguments.volume),
+        "commit": lambda: _commit(commands, arguments),
+        "doctor": lambda: _doctor(commands, settings.name, arguments),
+        "snapshot": lambda: print(_snapshot(store, arguments.target)),
+        "snapshots": lambda: _snapshots(store, arguments.volume, arguments.json),
+        "rollback": lambda: VolumeSnapshots(store).rollback(*_named(arguments.target)),
+        "destroy": lambda: VolumeSnapshots(store).destroy(*_named(arguments.target)),
+        "resize": lambda: commands.resize(arguments.volume, arguments.size),
     }
     try:
-        return commands[arguments.command]() or 0
+        return runs[arguments.command]() or 0
     except PluginError as error:
-        subject = getattr(arguments, "volume", None)
+        subject = getattr(arguments, "volume", None) or getattr(arguments, "target", None)
         print(f"docker-on-top: {subject + ': ' if subject else ''}{error}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -341,14 +391,14 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         return 1
 
 
-def _doctor(driver: Driver, driver_name: str, arguments: argparse.Namespace) -> int:
+def _doctor(commands: VolumeCommands, driver_name: str, arguments: argparse.Namespace) -> int:
     users = docker_api.volume_users(driver_name)
     if users is None:
         print(
             "docker-on-top: dockerd does not answer; checking against the mount table only",
             file=sys.stderr,
         )
-    findings = driver.doctor(arguments.volume, users, fix=arguments.fix)
+    findings = doctor(commands.store, commands.releases, arguments.volume, users, fix=arguments.fix)
     for finding in findings:
         print(f"{finding.volume}: {finding.problem}{' [fixed]' if finding.fixed else ''}")
     if not findings:
@@ -356,16 +406,46 @@ def _doctor(driver: Driver, driver_name: str, arguments: argparse.Namespace) -> 
     return 1 if any(not finding.fixed for finding in findings) else 0
 
 
-def _ls(driver: Driver, as_json: bool) -> None:
-    volumes = driver.all_details()
+def _snapshot(store: VolumeStore, target: str) -> str:
+    volume, name = parse_reference(target)
+    return VolumeSnapshots(store).snapshot(volume, name)
+
+
+def _named(target: str) -> tuple[str, str]:
+    volume, name = parse_reference(target)
+    if name is None:
+        raise UserError(f"name the snapshot: {target}@NAME")
+    return volume, name
+
+
+def _snapshots(store: VolumeStore, volume: str | None, as_json: bool) -> None:
+    found = VolumeSnapshots(store).list(volume)
+    if as_json:
+        print(json.dumps([snapshot.to_json() for snapshot in found], indent=2))
+        return
+    rows = [("VOLUME@NAME", "CREATED", "SIZE", "USED BY")]
+    rows += [
+        (
+            f"{s.volume}@{s.name}",
+            s.created_at,
+            "?" if s.size_bytes is None else _human_size(s.size_bytes),
+            ", ".join(s.used_by),
+        )
+        for s in found
+    ]
+    _print_columns(rows)
+
+
+def _ls(commands: VolumeCommands, as_json: bool) -> None:
+    volumes = commands.all_details()
     if as_json:
         print(json.dumps([v.to_json() for v in volumes], indent=2))
     else:
         _print_table(volumes)
 
 
-def _diff(driver: Driver, volume: str, as_json: bool) -> None:
-    found = driver.diff(volume)
+def _diff(commands: VolumeCommands, volume: str, as_json: bool) -> None:
+    found = commands.diff(volume)
     if as_json:
         print(json.dumps([{"Kind": c.kind, "Path": c.path} for c in found], indent=2))
     else:

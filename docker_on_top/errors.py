@@ -18,3 +18,7 @@ class InternalError(PluginError):
         super().__init__(f"docker-on-top internal error: {what}: {cause}")
         self.what = what
         self.cause = cause
+
+
+class BusyError(PluginError):
+    """The volume's lock stayed taken past the request's bound; the message says by what."""

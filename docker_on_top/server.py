@@ -19,7 +19,9 @@ Why a pool and not a thread per connection: a connection costs no thread (docker
 idle keep-alive connections, and MAX_CONNECTIONS clients may stall), a client that
 stalls holds nothing but its buffer, and the timeouts and the make-room policy stay on
 one thread that sees every connection. Why not the loop alone: a Mount can wait seconds
-on a volume's lock, and requests for other volumes must not wait behind it.
+on a volume's lock, and the other requests must not wait behind it: the quick ones are
+the loop's, and those for other volumes run on other workers while some are free
+(MAX_WORKERS requests that wait on one volume's lock fill the pool; the rest queue).
 
 A reply that never reaches its client (the client has gone, the send fails, the client
 is cut before it has read it all) goes back to the application (`undelivered`), once,

@@ -7,6 +7,13 @@ Layout (shared with docker-on-top v0.1.2, so either plugin can run on the same r
     <root>/<name>/upper/            the overlay upperdir: the volume's changes
     <root>/<name>/workdir/          the overlay workdir, only while mounted
     <root>/<name>/mountpoint/       where the overlay is mounted, only while mounted
+    <root>/<name>/busy.json         what holds the lock for long work (ours only), while it does
+    <root>/<name>/snapshot.json     the layer a snapshot moves upper/ into (ours), while it does
+    <root>/<name>/usage.json        what a sized volume's storage held at its last unmount (ours)
+    <root>/<name>/size.img          a sized volume's changes (ours): an ext4 image, in place
+                                    of upper/; mounted on limit/ while the volume is (a
+                                    volatile one: a tmpfs there instead)
+    <root>/<name>/unreleased.json   releases still to apply (ours only), when some failed
 
 The invariant everything else follows: a record in `activemounts/` guarantees a user
 and a mounted overlay; a mounted overlay on its own guarantees nothing. So a record is
@@ -22,13 +29,17 @@ import logging
 import os
 import re
 import shutil
-from contextlib import suppress
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
-from . import changes, kernel
+from . import changes, kernel, sizelimit
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +50,65 @@ REMOVED_PREFIX = ".removed."
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A name a volume gave one of its layers (`snapshot VOLUME@NAME`)."""
+
+    name: str
+    layer: str
+    created_at: str
+
+
+@dataclass(frozen=True)
 class Metadata:
-    base_dir: str
+    """metadata.json. A volume over one base, with no layers and nothing else of ours,
+    is written exactly as the Go plugin writes it. Any other is written with
+    BaseDirPath as a list (bottom base first), which the Go plugin cannot read: it then
+    refuses to mount the volume rather than mount a base without its layers."""
+
+    base_dir: str  # the bottom base, `-o base=`
     volatile: bool
     # Absent in volumes created by the Go plugin.
     created_at: str | None = None
+    upper_bases: tuple[str, ...] = ()  # `-o base.1=`, `base.2=`, ..., bottom first
+    layers: tuple[str, ...] = ()  # frozen layers over the bases, bottom first (ids)
+    snapshots: tuple[Snapshot, ...] = ()  # oldest first
+    origin: str | None = None  # VOLUME@NAME a clone was made from
+    # Bytes the volume's own changes may hold (`-o size=`): they live in an ext4 image
+    # of that size (`size.img`), or for a volatile volume a tmpfs, mounted on `limit/`.
+    size_limit: int | None = None
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        return (self.base_dir, *self.upper_bases)
+
+    @property
+    def in_go_format(self) -> bool:
+        return not (
+            self.upper_bases
+            or self.layers
+            or self.snapshots
+            or self.origin
+            or self.size_limit is not None
+        )
 
     def to_json(self) -> bytes:
-        document: dict[str, object] = {"BaseDirPath": self.base_dir, "Volatile": self.volatile}
+        document: dict[str, object] = {
+            "BaseDirPath": self.base_dir if self.in_go_format else list(self.bases),
+            "Volatile": self.volatile,
+        }
         if self.created_at is not None:
             document["CreatedAt"] = self.created_at
+        if self.layers:
+            document["Layers"] = list(self.layers)
+        if self.snapshots:
+            document["Snapshots"] = [
+                {"Name": s.name, "Layer": s.layer, "CreatedAt": s.created_at}
+                for s in self.snapshots
+            ]
+        if self.origin is not None:
+            document["Origin"] = self.origin
+        if self.size_limit is not None:
+            document["SizeLimit"] = self.size_limit
         return json.dumps(document, separators=(",", ":")).encode()
 
     @classmethod
@@ -57,16 +117,48 @@ class Metadata:
         document = json.loads(raw)
         if not isinstance(document, dict):
             raise ValueError("metadata.json is not a JSON object")
-        base_dir = document.get("BaseDirPath")
+        bases = document.get("BaseDirPath")
+        if isinstance(bases, str):
+            bases = [bases]
+        if not isinstance(bases, list) or not bases or not all(_is_text(b) for b in bases):
+            raise ValueError("metadata.json has no BaseDirPath string or list of strings")
         volatile = document.get("Volatile", False)
-        created_at = document.get("CreatedAt")
-        if not isinstance(base_dir, str) or not base_dir:
-            raise ValueError("metadata.json has no BaseDirPath string")
         if not isinstance(volatile, bool):
             raise ValueError("metadata.json has a Volatile that is not a boolean")
+        created_at = document.get("CreatedAt")
         if created_at is not None and not isinstance(created_at, str):
             raise ValueError("metadata.json has a CreatedAt that is not a string")
-        return cls(base_dir=base_dir, volatile=volatile, created_at=created_at)
+        layers = document.get("Layers", [])
+        if not isinstance(layers, list) or not all(_is_text(layer) for layer in layers):
+            raise ValueError("metadata.json has Layers that are not a list of layer ids")
+        snapshots = document.get("Snapshots", [])
+        if not isinstance(snapshots, list) or not all(
+            isinstance(s, dict) and all(_is_text(s.get(k)) for k in ("Name", "Layer", "CreatedAt"))
+            for s in snapshots
+        ):
+            raise ValueError("metadata.json has Snapshots that are not a list of snapshots")
+        origin = document.get("Origin")
+        if origin is not None and not _is_text(origin):
+            raise ValueError("metadata.json has an Origin that is not a string")
+        size_limit = document.get("SizeLimit")
+        if size_limit is not None and (
+            not isinstance(size_limit, int) or isinstance(size_limit, bool) or size_limit < 1
+        ):
+            raise ValueError("metadata.json has a SizeLimit that is not a number of bytes")
+        return cls(
+            base_dir=bases[0],
+            volatile=volatile,
+            created_at=created_at,
+            upper_bases=tuple(bases[1:]),
+            layers=tuple(layers),
+            snapshots=tuple(Snapshot(s["Name"], s["Layer"], s["CreatedAt"]) for s in snapshots),
+            origin=origin,
+            size_limit=size_limit,
+        )
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
 
 
 def write_atomically(path: str | Path, data: bytes, staging: str | Path, *, durable: bool) -> None:
@@ -132,6 +224,19 @@ def rfc3339(timestamp: float) -> str:
     )
 
 
+_PROCESS_LOCKS: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(folder: str) -> threading.Lock:
+    """This process's lock for `folder`, alive while some thread holds or awaits it."""
+    with _PROCESS_LOCKS_GUARD:
+        found = _PROCESS_LOCKS.get(folder)
+        if found is None:
+            found = _PROCESS_LOCKS[folder] = threading.Lock()
+        return found
+
+
 class UsageRecords:
     """The `activemounts/` folder: which mount IDs use the volume, and how often.
 
@@ -143,8 +248,24 @@ class UsageRecords:
         self.folder = folder
         self._staging = staging
 
-    def lock(self) -> kernel.DirectoryLock:
-        return kernel.DirectoryLock(self.folder)
+    @contextmanager
+    def lock(self, deadline: float | None = None) -> Iterator[None]:
+        """Hold the volume's lock: the flock on `activemounts/` (shared with the Go plugin
+        and our command line), taken after a lock of this process for the same folder,
+        so that this process's waiters sleep until woken rather than poll the flock.
+
+        `deadline` (time.monotonic) bounds the wait; kernel.LockTimeout when it passes.
+        FileNotFoundError when the folder is gone (the volume was removed meanwhile).
+        """
+        waiters = _process_lock(self.folder)
+        timeout = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not waiters.acquire(timeout=timeout):
+            raise kernel.LockTimeout(f"{self.folder} stays locked by another request")
+        try:
+            with kernel.DirectoryLock(self.folder, deadline):
+                yield
+        finally:
+            waiters.release()
 
     def exists(self) -> bool:
         return os.path.isdir(self.folder)
@@ -246,18 +367,107 @@ class Volume:
         """
         self.folder.mkdir()
         try:
-            self.upper.mkdir()
+            if metadata.size_limit is None:
+                self.upper.mkdir()
+            elif not metadata.volatile:
+                sizelimit.make_image(self.image, metadata.size_limit)
             self.records.make()
-            write_atomically(
-                self.metadata_file,
-                metadata.to_json(),
-                self.folder / ".metadata.json.tmp",
-                durable=True,
-            )
+            self.write_metadata(metadata)
             fsync_directory(self.folder.parent)
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
+
+    @cached_property
+    def limit(self) -> Path:
+        """Where a sized volume's storage is mounted while the volume is."""
+        return Path(f"{self.location}/limit")
+
+    @cached_property
+    def image(self) -> Path:
+        return Path(f"{self.location}/size.img")
+
+    def record_usage(self, usage: tuple[int, int]) -> None:
+        """What a sized volume's storage held when it was last unmounted (for Get)."""
+        write_atomically(
+            f"{self.location}/usage.json",
+            json.dumps({"Used": usage[0], "Limit": usage[1]}).encode(),
+            f"{self.location}/.usage.json.tmp",
+            durable=False,
+        )
+
+    def recorded_usage(self) -> tuple[int, int] | None:
+        try:
+            recorded = json.loads(read_file(f"{self.location}/usage.json"))
+            return int(recorded["Used"]), int(recorded["Limit"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @cached_property
+    def snapshot_intent(self) -> Path:
+        """Present only while a snapshot moves the changes into a layer (see layers.py)."""
+        return Path(f"{self.location}/snapshot.json")
+
+    def begin_snapshot(self, layer: str) -> None:
+        write_atomically(
+            self.snapshot_intent,
+            json.dumps({"Layer": layer}).encode(),
+            f"{self.location}/.snapshot.json.tmp",
+            durable=True,
+        )
+
+    def snapshot_in_progress(self) -> str | None:
+        """The layer a snapshot cut short was moving the changes to, if any."""
+        try:
+            layer = json.loads(self.snapshot_intent.read_bytes())["Layer"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{self.snapshot_intent} is damaged: {error}") from None
+        if not isinstance(layer, str) or not NAME_PATTERN.fullmatch(layer):
+            raise ValueError(f"{self.snapshot_intent} names no layer")
+        return layer
+
+    def end_snapshot(self) -> None:
+        with suppress(FileNotFoundError):
+            self.snapshot_intent.unlink()
+
+    @cached_property
+    def busy_note(self) -> Path:
+        return Path(f"{self.location}/busy.json")
+
+    def note_busy(self, what: str) -> None:
+        """Say, while holding the lock for long work, what holds it, for waiters that
+        give up to tell their users."""
+        note = {"What": what, "Pid": os.getpid(), "Since": rfc3339(time.time())}
+        write_atomically(
+            self.busy_note,
+            json.dumps(note).encode(),
+            f"{self.location}/.busy.json.tmp",
+            durable=False,
+        )
+
+    def clear_busy_note(self) -> None:
+        with suppress(FileNotFoundError):
+            self.busy_note.unlink()
+
+    def what_holds_it(self) -> str | None:
+        """What the busy note says holds the lock, if its writer still runs."""
+        try:
+            note = json.loads(self.busy_note.read_bytes())
+            what, pid, since = note["What"], note["Pid"], note["Since"]
+            os.kill(pid, 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return f"{what} (pid {pid}, since {since})"
+
+    def write_metadata(self, metadata: Metadata) -> None:
+        write_atomically(
+            self.metadata_file,
+            metadata.to_json(),
+            f"{self.location}/.metadata.json.tmp",
+            durable=True,
+        )
 
     def read_unreleased(self) -> dict[str, int]:
         """Releases that failed earlier, by mount ID (see Driver.unmount); {} when none."""
@@ -290,8 +500,9 @@ class Volume:
         os.rename(self.folder, doomed)
         shutil.rmtree(doomed)
 
-    def make_mount_folders(self) -> list[Path]:
-        """Create `mountpoint/` and an empty `workdir/`; returns the folders this call made.
+    def make_mount_folders(self, *, workdir: bool = True) -> list[Path]:
+        """Create `mountpoint/` and an empty `workdir/` (unless a sized volume keeps it
+        in its storage); returns the folders this call made.
 
         A leftover mountpoint is reused. A leftover workdir is emptied: it holds only the
         kernel's scratch files, and those of a volatile overlay make the next mount fail.
@@ -303,13 +514,14 @@ class Volume:
                 created.append(self.mountpoint)
             except FileExistsError:
                 log.warning("volume %s: reusing the leftover %s", self.name, self.mountpoint)
-            try:
-                self.workdir.mkdir()
-            except FileExistsError:
-                log.warning("volume %s: emptying the leftover %s", self.name, self.workdir)
-                shutil.rmtree(self.workdir)
-                self.workdir.mkdir()
-            created.append(self.workdir)
+            if workdir:
+                try:
+                    self.workdir.mkdir()
+                except FileExistsError:
+                    log.warning("volume %s: emptying the leftover %s", self.name, self.workdir)
+                    shutil.rmtree(self.workdir)
+                    self.workdir.mkdir()
+                created.append(self.workdir)
         except OSError:
             self.remove_folders(created)
             raise

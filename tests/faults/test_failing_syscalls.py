@@ -49,7 +49,7 @@ def handled_failure(call_text: str, error: str) -> str | None:
     if call_text.startswith("write(2,"):
         return "--- Logging error ---"  # a failed log line; the request goes on
     if call_text.startswith("umount2(") and call_text.endswith(", 0) = 0") and error == "EBUSY":
-        return "detaching its overlay lazily"  # README: busy outside any container
+        return "its overlay stays mounted until then"  # README: busy outside any container
     return None
 
 

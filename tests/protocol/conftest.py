@@ -331,17 +331,23 @@ def flock_held(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-# The number of flock(2) on the machines the tests run on (/proc/TID/syscall shows it).
-_FLOCK_SYSCALL = {"x86_64": 73, "aarch64": 32}
+# The syscalls in which a thread waits for a volume's lock: flock(2), or the sleep
+# between the tries of a bounded wait (time.sleep: clock_nanosleep, select on Python
+# before 3.11), by their numbers on the machines the tests run on (/proc/TID/syscall).
+_LOCK_WAIT_SYSCALLS = {
+    "x86_64": {"73", "35", "230", "23", "270"},  # flock nanosleep clock_nanosleep select pselect6
+    "aarch64": {"32", "101", "115", "72"},  # flock nanosleep clock_nanosleep pselect6
+}
 
 
-def threads_in_flock(pid: int) -> int:
-    """How many threads of the process wait in flock(2) (on a volume's lock) right now."""
-    number = str(_FLOCK_SYSCALL[os.uname().machine])
+def threads_waiting_for_a_lock(pid: int) -> int:
+    """How many threads of the daemon wait for a volume's lock right now (nothing else in
+    it sleeps or calls flock: the loop waits in epoll_wait, idle workers on a futex)."""
+    numbers = _LOCK_WAIT_SYSCALLS[os.uname().machine]
     waiting = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            if Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0] == number:
+            if Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0] in numbers:
                 waiting += 1
     return waiting
 

@@ -21,7 +21,7 @@ from .conftest import (
     http_request,
     mounts_at,
     parse_responses,
-    threads_in_flock,
+    threads_waiting_for_a_lock,
     wait_until,
 )
 
@@ -149,7 +149,9 @@ def test_mounts_blocked_on_one_volume_hold_up_no_other_volume(
                 lambda: all(unread_bytes(sock) == 0 for sock in waiting),
                 "the daemon read every Mount",
             )
-            wait_until(lambda: threads_in_flock(daemon.pid) > 0, "a Mount waits for the lock")
+            wait_until(
+                lambda: threads_waiting_for_a_lock(daemon.pid) > 0, "a Mount waits for the lock"
+            )
             assert volume.records() == {}
             other = PluginClient(ws.socket, timeout=5.0)
             reply = other.ok("/VolumeDriver.Get", {"Name": "other"})

@@ -22,7 +22,7 @@ from .conftest import (
     is_volatile_mount,
     mounts_at,
     snapshot,
-    threads_in_flock,
+    threads_waiting_for_a_lock,
     wait_until,
 )
 
@@ -278,21 +278,43 @@ def test_mount_after_a_stray_mount_replaces_it(ws: Workspace, client: PluginClie
     assert_unmounted(volume)
 
 
-def test_last_unmount_with_the_mountpoint_busy_still_frees_the_volume(
+def test_last_unmount_with_the_mountpoint_busy_keeps_one_overlay_for_the_next_user(
     ws: Workspace, client: PluginClient
 ) -> None:
-    """A6: a file held open on the mountpoint while the container stops."""
+    """A6: a file held open on the mountpoint while the container stops. Issue 13.5: the
+    busy overlay stays and is reused, so no second overlay ever shares its upper."""
     client.create("v", ws.base)
+    volume = ws.volume("v")
+    mountpoint = Path(client.mount("v", "c1"))
+    (mountpoint / "added.txt").write_text("added\n")
+    with open(mountpoint / "kept.txt") as held:
+        client.unmount("v", "c1")
+        assert volume.records() == {}
+        assert [entry.fstype for entry in mounts_at(volume.mountpoint)] == ["overlay"]
+        mountpoint = Path(client.mount("v", "c2"))
+        assert_mounted(ws, volume)
+        assert (mountpoint / "added.txt").read_text() == "added\n"
+        assert held.read() == "base kept\n"
+    client.unmount("v", "c2")
+    assert_unmounted(volume)
+
+
+def test_a_volatile_volume_held_on_the_host_is_refused_until_released(
+    ws: Workspace, client: PluginClient
+) -> None:
+    client.create("v", ws.base, volatile="true")
     volume = ws.volume("v")
     mountpoint = Path(client.mount("v", "c1"))
     (mountpoint / "added.txt").write_text("added\n")
     with open(mountpoint / "kept.txt"):
         client.unmount("v", "c1")
-        assert mounts_at(volume.mountpoint) == []
+        error = client.err("/VolumeDriver.Mount", {"Name": "v", "ID": "c2"})
+        assert "holds files open" in error and "volatile" in error
         assert volume.records() == {}
-        mountpoint = Path(client.mount("v", "c2"))
-        assert_mounted(ws, volume)
-        assert (mountpoint / "added.txt").read_text() == "added\n"
+        assert [entry.fstype for entry in mounts_at(volume.mountpoint)] == ["overlay"]
+    mountpoint = Path(client.mount("v", "c2"))
+    assert_mounted(ws, volume, volatile=True)
+    assert not (mountpoint / "added.txt").exists()
     client.unmount("v", "c2")
     assert_unmounted(volume)
 
@@ -386,7 +408,9 @@ def test_a_mount_whose_client_has_gone_is_undone(
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(ws.socket))
         sock.sendall(http_request("/VolumeDriver.Mount", b'{"Name": "v", "ID": "gaveup"}'))
-        wait_until(lambda: threads_in_flock(daemon.pid) == 1, "the Mount waits for the lock")
+        wait_until(
+            lambda: threads_waiting_for_a_lock(daemon.pid) > 0, "the Mount waits for the lock"
+        )
         sock.close()
     wait_until(lambda: "unmounted volume v for gaveup" in daemon.log(), "the Mount is undone")
     # The user that stays keeps its mount, the one that gave up has no record.
@@ -407,7 +431,9 @@ def test_a_mount_whose_client_has_gone_is_undone_alone(
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(ws.socket))
         sock.sendall(http_request("/VolumeDriver.Mount", b'{"Name": "v", "ID": "gaveup"}'))
-        wait_until(lambda: threads_in_flock(daemon.pid) == 1, "the Mount waits for the lock")
+        wait_until(
+            lambda: threads_waiting_for_a_lock(daemon.pid) > 0, "the Mount waits for the lock"
+        )
         sock.close()
     wait_until(lambda: "unmounted volume v for gaveup" in daemon.log(), "the Mount is undone")
     assert volume.records() == {} and mounts_at(volume.mountpoint) == []

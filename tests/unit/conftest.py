@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from docker_on_top.commands import VolumeCommands
+from docker_on_top.doctor import Finding, doctor
 from docker_on_top.driver import Driver
+from docker_on_top.recovery import RecoveryReport, recover
+from docker_on_top.store import VolumeStore
 
 from ..mounts import unmount_all_under
 
@@ -39,6 +43,25 @@ def base(workspace: Path) -> Path:
 
 @pytest.fixture
 def driver(root: Path) -> Driver:
-    driver = Driver(root)
-    driver.recover()
+    driver = new_driver(root)
+    recover_driver(driver)
     return driver
+
+
+def new_driver(root: Path, **settings: float) -> Driver:
+    return Driver(VolumeStore(root, **settings))  # type: ignore[arg-type]
+
+
+def recover_driver(driver: Driver) -> RecoveryReport:
+    return recover(driver.store, driver.releases)
+
+
+def run_doctor(
+    driver: Driver, name: str | None, users: dict[str, int] | None, *, fix: bool
+) -> list[Finding]:
+    return doctor(driver.store, driver.releases, name, users, fix=fix)
+
+
+def commands_of(driver: Driver) -> VolumeCommands:
+    """The command line's operations, on the driver's state and pending releases."""
+    return VolumeCommands(driver.store, driver.releases)

@@ -55,7 +55,7 @@ class Volume:
     def mount(self) -> None:
         kernel.mount_overlay(
             source="dot-test",
-            lower=self.base,
+            lowers=[self.base],
             upper=self.upper,
             work=self.work,
             target=self.mountpoint,
@@ -275,7 +275,7 @@ def test_xattr_whiteouts_count_in_a_directory_marked_x(volume: Volume, workspace
     volume.unmount()
     # A read-only overlay with the upper as a lower layer, as an exported layer is used:
     # there the kernel hides the name from listings too.
-    merge_into(volume.upper, volume.base, workspace / "merged")
+    merge_into(volume.upper, [volume.base], workspace / "merged")
     assert sorted(os.listdir(workspace / "merged" / "dir")) == ["sub"]
     # Unmarked, it is the empty file that it is.
     (volume.upper / "keep.txt").touch()
@@ -483,7 +483,7 @@ def test_merge_into_copies_the_merged_view(changed: Changed, workspace: Path) ->
     target = workspace / "out" / "merged"
     target.parent.mkdir()
     reports: list[int] = []
-    merge_into(changed.volume.upper, changed.volume.base, target, progress=reports.append)
+    merge_into(changed.volume.upper, [changed.volume.base], target, progress=reports.append)
     merged = snapshot(target)
     assert merged == changed.merged
     assert overlay_xattrs(merged) == []
@@ -501,7 +501,7 @@ def test_merge_into_an_existing_target_refuses_and_leaves_it_alone(
     (target / "mine").write_text("mine\n")
     before = snapshot(target)
     with pytest.raises(FileExistsError):
-        merge_into(changed.volume.upper, changed.volume.base, target)
+        merge_into(changed.volume.upper, [changed.volume.base], target)
     assert snapshot(target) == before
     assert sorted(os.listdir(workspace)) == ["base", "mnt", "taken", "upper", "work"]
 
@@ -514,14 +514,14 @@ def test_a_failed_merge_leaves_nothing_behind(changed: Changed, workspace: Path)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        merge_into(changed.volume.upper, changed.volume.base, target, progress=interrupt)
+        merge_into(changed.volume.upper, [changed.volume.base], target, progress=interrupt)
     assert os.listdir(target.parent) == []
     assert mounts_under(workspace) == []
 
 
 def test_merge_into_a_layer_refuses(changed: Changed) -> None:
     with pytest.raises(ValueError):
-        merge_into(changed.volume.upper, changed.volume.base, changed.volume.base / "copy")
+        merge_into(changed.volume.upper, [changed.volume.base], changed.volume.base / "copy")
     assert not (changed.volume.base / "copy").exists()
 
 
@@ -536,7 +536,7 @@ def test_merge_progress_comes_every_so_many_entries(
         (many / str(index)).touch()
     volume.unmount()
     reports: list[int] = []
-    merge_into(volume.upper, volume.base, workspace / "merged", progress=reports.append)
+    merge_into(volume.upper, [volume.base], workspace / "merged", progress=reports.append)
     total = len(snapshot(workspace / "merged")) - 1
     assert reports == [*range(10, total + 1, 10), total]
     assert total % 10 != 0
@@ -615,5 +615,5 @@ def test_merge_into_with_a_backslash_in_the_base_path(workspace: Path) -> None:
         folder.mkdir()
     (base / "file").write_text("from the odd base\n")
     (upper / "added").write_text("added\n")
-    merge_into(upper, base, workspace / "merged")
+    merge_into(upper, [base], workspace / "merged")
     assert sorted(os.listdir(workspace / "merged")) == ["added", "file"]

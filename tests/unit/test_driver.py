@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from docker_on_top import kernel
 from docker_on_top.driver import Driver
-from docker_on_top.errors import InternalError, UserError
+from docker_on_top.errors import BusyError, InternalError, UserError
 
 from ..mounts import mounts_under
+from .conftest import commands_of, new_driver, recover_driver, run_doctor
 
 ID_A = "a" * 64
 ID_B = "b" * 64
@@ -23,7 +25,7 @@ ID_B = "b" * 64
 
 def make_volume(driver: Driver, base: Path, name: str = "v", *, volatile: bool = False) -> Path:
     driver.create(name, {"base": str(base), "volatile": "true" if volatile else "false"})
-    return driver.root / name
+    return driver.store.root / name
 
 
 def mounted(folder: Path) -> bool:
@@ -53,7 +55,7 @@ def immutable(path: Path) -> Iterator[None]:
 def test_create_refuses_an_invalid_name(driver: Driver, base: Path, name: str) -> None:
     with pytest.raises(UserError, match="volume name"):
         driver.create(name, {"base": str(base)})
-    assert list(driver.root.iterdir()) == []
+    assert list(driver.store.root.iterdir()) == []
 
 
 def test_create_refuses_a_name_with_a_slash_pointing_at_base(driver: Driver, base: Path) -> None:
@@ -67,8 +69,8 @@ def test_create_refuses_a_name_too_long_for_a_file(driver: Driver, base: Path) -
 
 
 def test_create_names_an_unknown_option(driver: Driver, base: Path) -> None:
-    with pytest.raises(UserError, match="'size'"):
-        driver.create("v", {"base": str(base), "size": "1G"})
+    with pytest.raises(UserError, match="'quota'"):
+        driver.create("v", {"base": str(base), "quota": "1G"})
 
 
 def test_create_requires_base(driver: Driver) -> None:
@@ -93,19 +95,34 @@ def test_create_refuses_a_base_that_is_a_file(driver: Driver, base: Path) -> Non
 
 
 @pytest.mark.parametrize("separator", [",", ":"])
-def test_create_refuses_a_base_with_overlay_separators(
-    driver: Driver, workspace: Path, separator: str
+def test_create_refuses_a_base_with_overlay_separators_on_a_kernel_before_6_8(
+    driver: Driver, workspace: Path, separator: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A3's original refusal stays where overlayfs has no `lowerdir+` (SPEC B3)."""
+    monkeypatch.setattr(kernel, "takes_any_overlay_path", lambda: False)
     odd = workspace / f"odd{separator}dir"
     odd.mkdir()
     with pytest.raises(UserError, match="commas and/or colons"):
         driver.create("v", {"base": str(odd)})
 
 
+@pytest.mark.parametrize("separator", [",", ":"])
+def test_create_takes_a_base_with_overlay_separators_where_the_kernel_can(
+    driver: Driver, workspace: Path, separator: str
+) -> None:
+    odd = workspace / f"odd{separator}dir"
+    odd.mkdir()
+    (odd / "f").write_text("odd")
+    driver.create("v", {"base": str(odd)})
+    mountpoint = Path(driver.mount("v", ID_A))
+    assert (mountpoint / "f").read_text() == "odd"
+    driver.unmount("v", ID_A)
+
+
 def test_create_refuses_a_base_inside_the_state_root(driver: Driver) -> None:
-    (driver.root / "elsewhere").mkdir()
+    (driver.store.root / "elsewhere").mkdir()
     with pytest.raises(UserError, match="inside the plugin's state root"):
-        driver.create("v", {"base": str(driver.root / "elsewhere")})
+        driver.create("v", {"base": str(driver.store.root / "elsewhere")})
 
 
 def test_create_refuses_a_base_that_holds_the_state_root(driver: Driver, workspace: Path) -> None:
@@ -119,7 +136,7 @@ def test_create_refuses_a_base_that_holds_the_state_root(driver: Driver, workspa
 )
 def test_create_reads_volatile_words(driver: Driver, base: Path, word: str, volatile: bool) -> None:
     driver.create("v", {"base": str(base), "volatile": word})
-    document = json.loads((driver.root / "v" / "metadata.json").read_text())
+    document = json.loads((driver.store.root / "v" / "metadata.json").read_text())
     assert document["BaseDirPath"] == str(base)
     assert document["Volatile"] is volatile
 
@@ -127,7 +144,7 @@ def test_create_reads_volatile_words(driver: Driver, base: Path, word: str, vola
 def test_create_refuses_another_volatile_word(driver: Driver, base: Path) -> None:
     with pytest.raises(UserError, match="'true', 'false', 'yes', or 'no'"):
         driver.create("v", {"base": str(base), "volatile": "maybe"})
-    assert not (driver.root / "v").exists()
+    assert not (driver.store.root / "v").exists()
 
 
 def test_create_of_an_existing_volume_is_refused(driver: Driver, base: Path) -> None:
@@ -154,8 +171,8 @@ def test_get_answers_even_when_metadata_is_unreadable(driver: Driver, base: Path
 def test_list_shows_only_volume_folders(driver: Driver, base: Path) -> None:
     make_volume(driver, base, "one")
     make_volume(driver, base, "two")
-    (driver.root / ".hidden").mkdir()
-    (driver.root / "file").touch()
+    (driver.store.root / ".hidden").mkdir()
+    (driver.store.root / "file").touch()
     assert [info.name for info in driver.list_volumes()] == ["one", "two"]
 
 
@@ -165,8 +182,8 @@ def test_list_reports_the_mountpoint_of_a_root_reached_through_a_symlink(
     # List looks the mountpoint up in the mount table, which holds resolved paths.
     (workspace / "real root").mkdir()
     (workspace / "link").symlink_to(workspace / "real root")
-    driver = Driver(workspace / "link")
-    driver.recover()
+    driver = new_driver(workspace / "link")
+    recover_driver(driver)
     make_volume(driver, base)
     driver.mount("v", ID_A)
     try:
@@ -290,7 +307,7 @@ def test_mount_ids_that_would_leave_the_folder_are_refused(
         driver.unmount("v", mount_id)
     assert not mounted(folder)
     assert records(folder) == {}
-    assert sorted(p.name for p in driver.root.iterdir()) == ["v"]
+    assert sorted(p.name for p in driver.store.root.iterdir()) == ["v"]
 
 
 def test_mount_with_the_base_gone_says_so_and_leaves_nothing(driver: Driver, base: Path) -> None:
@@ -337,16 +354,60 @@ def test_a_release_that_failed_is_retried_before_the_next_mount(
     assert not mounted(folder)
 
 
-def test_unmount_of_a_busy_overlay_detaches_it(driver: Driver, base: Path) -> None:
+def overlays_on(folder: Path) -> list[str]:
+    return [fs for _, fs in mounts_under(folder / "mountpoint")]
+
+
+def test_a_busy_overlay_stays_mounted_and_is_reused_never_doubled(
+    driver: Driver, base: Path
+) -> None:
+    """Issue 13.5: two overlays on one upper are undefined; a busy one is kept instead."""
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("kept")
+    with open(folder / "mountpoint" / "b") as held:
+        driver.unmount("v", ID_A)
+        assert records(folder) == {}
+        assert overlays_on(folder) == ["overlay"]
+        assert (folder / "workdir").is_dir()
+        driver.mount("v", ID_B)
+        assert overlays_on(folder) == ["overlay"]
+        (folder / "mountpoint" / "d").write_text("new")
+        assert held.read() == "456"
+    assert (folder / "upper" / "d").read_text() == "new"
+    assert (folder / "mountpoint" / "c").read_text() == "kept"
+    driver.unmount("v", ID_B)
+    assert not mounted(folder)
+    assert not (folder / "workdir").exists()
+
+
+def test_a_volatile_volume_held_on_the_host_refuses_to_mount(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base, volatile=True)
+    driver.mount("v", ID_A)
+    (folder / "mountpoint" / "c").write_text("to be discarded")
+    with open(folder / "mountpoint" / "b"):
+        driver.unmount("v", ID_A)
+        with pytest.raises(UserError, match="holds files open"):
+            driver.mount("v", ID_B)
+        assert records(folder) == {}
+        assert overlays_on(folder) == ["overlay"]
+    driver.mount("v", ID_B)
+    assert overlays_on(folder) == ["overlay"]
+    assert not (folder / "mountpoint" / "c").exists()
+
+
+def test_reset_refuses_while_a_stray_overlay_is_held(driver: Driver, base: Path) -> None:
     folder = make_volume(driver, base)
     driver.mount("v", ID_A)
     (folder / "mountpoint" / "c").write_text("kept")
     with open(folder / "mountpoint" / "b"):
         driver.unmount("v", ID_A)
-        assert not mounted(folder)
-        assert records(folder) == {}
-    driver.mount("v", ID_B)
-    assert (folder / "mountpoint" / "c").read_text() == "kept"
+        with pytest.raises(UserError, match="holds files open"):
+            commands_of(driver).reset("v")
+    assert (folder / "upper" / "c").read_text() == "kept"
+    commands_of(driver).reset("v")
+    assert not (folder / "upper" / "c").exists()
+    assert not mounted(folder)
 
 
 def test_records_without_an_overlay_get_it_mounted_again(driver: Driver, base: Path) -> None:
@@ -436,22 +497,22 @@ def test_remove_detaches_a_stray_mount_first(driver: Driver, base: Path) -> None
 
 
 def test_recovery_leaves_a_clean_volume_alone(root: Path, base: Path) -> None:
-    first = Driver(root)
-    first.recover()
+    first = new_driver(root)
+    recover_driver(first)
     make_volume(first, base)
-    report = Driver(root).recover()
+    report = recover_driver(new_driver(root))
     assert report.clean == ["v"]
 
 
 def test_recovery_resets_records_left_by_a_reboot(root: Path, base: Path) -> None:
-    first = Driver(root)
-    first.recover()
+    first = new_driver(root)
+    recover_driver(first)
     folder = make_volume(first, base)
     first.mount("v", ID_A)
     (folder / "mountpoint" / "c").write_text("kept")
     subprocess.run(["umount", str(folder / "mountpoint")], check=True)
-    second = Driver(root)
-    assert second.recover().cleaned == ["v"]
+    second = new_driver(root)
+    assert recover_driver(second).cleaned == ["v"]
     assert records(folder) == {}
     assert not (folder / "workdir").exists()
     second.mount("v", ID_B)
@@ -459,12 +520,12 @@ def test_recovery_resets_records_left_by_a_reboot(root: Path, base: Path) -> Non
 
 
 def test_recovery_leaves_a_volume_still_mounted(root: Path, base: Path) -> None:
-    first = Driver(root)
-    first.recover()
+    first = new_driver(root)
+    recover_driver(first)
     folder = make_volume(first, base)
     first.mount("v", ID_A)
-    second = Driver(root)
-    assert second.recover().still_mounted == ["v"]
+    second = new_driver(root)
+    assert recover_driver(second).still_mounted == ["v"]
     assert mounted(folder)
     assert records(folder) == {ID_A: 1}
     second.unmount("v", ID_A)
@@ -474,25 +535,25 @@ def test_recovery_leaves_a_volume_still_mounted(root: Path, base: Path) -> None:
 def test_recovery_removes_a_volume_whose_create_was_cut_short(root: Path) -> None:
     (root / "half" / "upper").mkdir(parents=True)
     (root / "half" / "activemounts").mkdir()
-    assert Driver(root).recover().half_made == ["half"]
+    assert recover_driver(new_driver(root)).half_made == ["half"]
     assert not (root / "half").exists()
 
 
 def test_recovery_keeps_a_folder_without_metadata_that_holds_changes(root: Path) -> None:
     (root / "odd" / "upper").mkdir(parents=True)
     (root / "odd" / "upper" / "precious").touch()
-    Driver(root).recover()
+    recover_driver(new_driver(root))
     assert (root / "odd" / "upper" / "precious").exists()
 
 
 def test_recovery_stops_on_a_state_it_cannot_understand(root: Path, base: Path) -> None:
-    first = Driver(root)
-    first.recover()
+    first = new_driver(root)
+    recover_driver(first)
     folder = make_volume(first, base)
     (folder / "mountpoint").mkdir()
     (folder / "mountpoint" / "stray").touch()
     with pytest.raises(InternalError, match="cannot recover volume v"):
-        Driver(root).recover()
+        recover_driver(new_driver(root))
 
 
 def test_get_reports_the_status_docker_volume_inspect_shows(driver: Driver, base: Path) -> None:
@@ -512,16 +573,16 @@ def test_get_reports_the_status_docker_volume_inspect_shows(driver: Driver, base
 
 
 def test_a_failed_release_survives_a_restart(root: Path, base: Path) -> None:
-    first = Driver(root)
-    first.recover()
+    first = new_driver(root)
+    recover_driver(first)
     folder = make_volume(first, base, volatile=True)
     first.mount("v", ID_A)
     (folder / "mountpoint" / "c").write_text("gone")
     with immutable(folder / "activemounts" / ID_A), pytest.raises(InternalError):
         first.unmount("v", ID_A)
     assert json.loads((folder / "unreleased.json").read_text()) == {ID_A: 1}
-    second = Driver(root)
-    assert second.recover().still_mounted == ["v"]
+    second = new_driver(root)
+    assert recover_driver(second).still_mounted == ["v"]
     second.mount("v", ID_B)
     assert records(folder) == {ID_B: 1}
     assert not (folder / "mountpoint" / "c").exists()
@@ -534,19 +595,19 @@ def test_a_failed_release_survives_a_restart(root: Path, base: Path) -> None:
 def test_doctor_finds_nothing_wrong_with_a_healthy_volume(driver: Driver, base: Path) -> None:
     make_volume(driver, base)
     driver.mount("v", ID_A)
-    assert driver.doctor(None, {"v": 1}, fix=True) == []
-    assert driver.doctor(None, None, fix=True) == []
+    assert run_doctor(driver, None, {"v": 1}, fix=True) == []
+    assert run_doctor(driver, None, None, fix=True) == []
 
 
 def test_doctor_releases_records_no_live_container_owns(driver: Driver, base: Path) -> None:
     folder = make_volume(driver, base, volatile=True)
     driver.mount("v", ID_A)
     (folder / "mountpoint" / "c").write_text("stuck")
-    (finding,) = driver.doctor(None, {}, fix=False)
+    (finding,) = run_doctor(driver, None, {}, fix=False)
     assert "no live container" in finding.problem
     assert not finding.fixed
     assert mounted(folder)
-    (finding,) = driver.doctor("v", {"other": 2}, fix=True)
+    (finding,) = run_doctor(driver, "v", {"other": 2}, fix=True)
     assert finding.fixed
     assert records(folder) == {}
     assert not mounted(folder)
@@ -558,7 +619,7 @@ def test_doctor_never_releases_a_volume_a_live_container_uses(driver: Driver, ba
     folder = make_volume(driver, base)
     driver.mount("v", ID_A)
     driver.mount("v", ID_B)
-    (finding,) = driver.doctor(None, {"v": 1}, fix=True)
+    (finding,) = run_doctor(driver, None, {"v": 1}, fix=True)
     assert "some may be stale" in finding.problem
     assert not finding.fixed
     assert records(folder) == {ID_A: 1, ID_B: 1}
@@ -569,7 +630,7 @@ def test_doctor_detaches_an_overlay_without_records(driver: Driver, base: Path) 
     folder = make_volume(driver, base)
     driver.mount("v", ID_A)
     (folder / "activemounts" / ID_A).unlink()
-    (finding,) = driver.doctor(None, None, fix=True)
+    (finding,) = run_doctor(driver, None, None, fix=True)
     assert "no record" in finding.problem
     assert finding.fixed
     assert mounts_under(folder) == []
@@ -579,24 +640,43 @@ def test_doctor_reports_records_without_an_overlay(driver: Driver, base: Path) -
     folder = make_volume(driver, base)
     driver.mount("v", ID_A)
     subprocess.run(["umount", str(folder / "mountpoint")], check=True)
-    (finding,) = driver.doctor(None, None, fix=True)
+    (finding,) = run_doctor(driver, None, None, fix=True)
     assert "no overlay is mounted" in finding.problem
     assert not finding.fixed
 
 
 def test_doctor_of_a_missing_volume_says_so(driver: Driver) -> None:
     with pytest.raises(UserError, match="no such volume"):
-        driver.doctor("missing", None, fix=False)
+        run_doctor(driver, "missing", None, fix=False)
 
 
 def test_doctor_leaves_podman_records_to_podman(driver: Driver, base: Path) -> None:
-    from docker_on_top.driver import PODMAN_MOUNT_ID
+    from docker_on_top.doctor import PODMAN_MOUNT_ID
 
     folder = make_volume(driver, base)
     driver.mount("v", PODMAN_MOUNT_ID)
     driver.mount("v", ID_A)
-    (finding,) = driver.doctor(None, {}, fix=True)
+    (finding,) = run_doctor(driver, None, {}, fix=True)
     assert finding.fixed
     assert records(folder) == {PODMAN_MOUNT_ID: 1}
     assert mounted(folder)
-    assert driver.doctor(None, {}, fix=True) == []
+    assert run_doctor(driver, None, {}, fix=True) == []
+
+
+def test_a_long_holder_names_itself_to_those_that_give_up(
+    driver: Driver, base: Path, tmp_path: Path
+) -> None:
+    """Issue 13.1: a waiter that gives up says what holds the volume."""
+    make_volume(driver, base)
+    impatient = new_driver(driver.store.root, lock_timeout=0.2)
+    seen: list[str] = []
+
+    def meanwhile(_: int) -> None:
+        with pytest.raises(BusyError) as refused:
+            impatient.mount("v", ID_A)
+        seen.append(str(refused.value))
+
+    commands_of(driver).commit_into("v", tmp_path / "merged", meanwhile)
+    assert seen and "busy: a commit (pid" in seen[0], seen
+    assert not (driver.store.root / "v" / "busy.json").exists()
+    assert impatient.mount("v", ID_A)

@@ -14,6 +14,7 @@ from docker_on_top.errors import UserError
 from docker_on_top.kernel import resolve_in_root
 
 from ..mounts import mounts_under
+from .conftest import commands_of, new_driver, recover_driver
 
 ID = "a" * 64
 
@@ -69,8 +70,8 @@ def test_the_host_root_setting(tmp_path: Path) -> None:
 
 @pytest.fixture
 def managed(workspace: Path, host: Path) -> Driver:
-    driver = Driver(workspace / "root", host_root=host)
-    driver.recover()
+    driver = new_driver(workspace / "root", host_root=host)
+    recover_driver(driver)
     return driver
 
 
@@ -78,7 +79,7 @@ def test_a_base_is_found_under_the_host_root_and_stored_as_given(
     managed: Driver, host: Path
 ) -> None:
     managed.create("v", {"base": "/link-absolute"})
-    metadata = json.loads((managed.root / "v" / "metadata.json").read_text())
+    metadata = json.loads((managed.store.root / "v" / "metadata.json").read_text())
     assert metadata["BaseDirPath"] == "/link-absolute"
     assert managed.get("v").status["Base"] == "/link-absolute"
 
@@ -88,7 +89,7 @@ def test_a_base_is_found_under_the_host_root_and_stored_as_given(
     (mountpoint / "b").write_text("new")
     managed.unmount("v", ID)
     assert sorted(p.name for p in (host / "srv" / "data").iterdir()) == ["a"]
-    assert [(c.kind, c.path) for c in managed.diff("v")] == [("A", "/b")]
+    assert [(c.kind, c.path) for c in commands_of(managed).diff("v")] == [("A", "/b")]
 
 
 def test_a_base_missing_under_the_host_root_is_refused(managed: Driver, host: Path) -> None:

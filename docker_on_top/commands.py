@@ -1,0 +1,331 @@
+"""What the command line does to one volume's changes besides serving: describe it,
+diff and export its changes, reset it, commit it into a folder or onto its base.
+
+Each works on the state root directly, with or without a daemon running, and takes the
+volume's lock for as long as it changes anything: a container that starts meanwhile
+waits (or is told what holds the volume).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+from . import changes, kernel, overlay, sizelimit
+from .errors import InternalError, PluginError, UserError
+from .options import parse_size_option
+from .releases import PendingReleases, usage_count
+from .store import VolumeStore, parse_reference
+from .volume import Metadata, Volume
+
+log = logging.getLogger(__name__)
+
+# Read-only views of a volume's lower layers, mounted aside under the state root.
+VIEW_PREFIX = ".view-"
+# Called with the number of entries copied so far during long work.
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class VolumeDetails:
+    """Everything known about one volume, for the command line."""
+
+    name: str
+    metadata: Metadata
+    created_at: str
+    mountpoint: str
+    mounted: bool  # what the kernel's mount table says
+    mounts: Mapping[str, int]  # usage count by mount ID: the records
+    changes_bytes: int
+
+    @property
+    def base(self) -> str:
+        return self.metadata.base_dir
+
+    @property
+    def volatile(self) -> bool:
+        return self.metadata.volatile
+
+    def to_json(self) -> dict[str, object]:
+        found: dict[str, object] = {
+            "Name": self.name,
+            "Base": self.base,
+            "Volatile": self.volatile,
+            "CreatedAt": self.created_at,
+            "Mountpoint": self.mountpoint,
+            "Mounted": self.mounted,
+            "Mounts": dict(self.mounts),
+            "ChangesBytes": self.changes_bytes,
+        }
+        if not self.metadata.in_go_format:
+            found.update(
+                Bases=list(self.metadata.bases),
+                Layers=list(self.metadata.layers),
+                Snapshots=[
+                    {"Name": s.name, "Layer": s.layer, "CreatedAt": s.created_at}
+                    for s in self.metadata.snapshots
+                ],
+                Origin=self.metadata.origin,
+            )
+        return found
+
+
+class VolumeCommands:
+    def __init__(self, store: VolumeStore, releases: PendingReleases | None = None) -> None:
+        self.store = store
+        self.releases = releases if releases is not None else PendingReleases()
+
+    def details(self, name: str) -> VolumeDetails:
+        volume = self.store.volume(name)
+        metadata, created_at = self.store.metadata_and_creation(volume)
+        try:
+            if metadata.size_limit is None:
+                changes_bytes = changes.changes_size(volume.upper)
+            else:
+                changes_bytes = overlay.storage_usage(volume, metadata)[0]
+            return VolumeDetails(
+                name=name,
+                metadata=metadata,
+                created_at=created_at,
+                mountpoint=str(volume.mountpoint),
+                mounted=kernel.is_mount_point(volume.mountpoint),
+                mounts={i: usage_count(volume, i) or 0 for i in volume.records.ids()},
+                changes_bytes=changes_bytes,
+            )
+        except OSError as error:
+            raise InternalError(f"failed to read volume {name}", error) from error
+
+    def all_details(self) -> list[VolumeDetails]:
+        return [self.details(volume.name) for volume in self.store.volumes()]
+
+    def diff(self, name: str) -> list[changes.Change]:
+        """The changes since the volume's last snapshot (against all its lower layers)."""
+        volume = self.store.volume(name)
+        metadata = self.store.metadata(volume)
+        try:
+            with (
+                _own_changes(self.store, volume, metadata) as upper,
+                _lower_view(self.store, self.store.lowers(metadata)) as below,
+            ):
+                return changes.diff(upper, below)
+        except OSError as error:
+            raise InternalError("failed to read the volume's changes", error) from error
+
+    def export(self, reference: str, out: BinaryIO) -> None:
+        """VOLUME: its changes since its last snapshot; VOLUME@NAME: the layer NAME froze,
+        each as an OCI image layer over what lies below it."""
+        volume_name, snapshot = parse_reference(reference)
+        volume = self.store.volume(volume_name)
+        metadata = self.store.metadata(volume)
+        try:
+            if snapshot is None:
+                with _own_changes(self.store, volume, metadata) as upper:
+                    changes.export_layer(upper, out)
+                return
+            named = [s for s in metadata.snapshots if s.name == snapshot]
+            if not named:
+                raise UserError(f"volume {volume_name} has no snapshot {snapshot}")
+            changes.export_layer(self.store.layers.tree(named[0].layer), out)
+        except (OSError, ValueError) as error:
+            raise InternalError("failed to export the volume's changes", error) from error
+
+    def reset(self, name: str) -> None:
+        volume = self.store.volume(name)
+        with unused(self.store, self.releases, volume, "a reset") as metadata:
+            try:
+                with _own_changes(self.store, volume, metadata) as upper:
+                    changes.reset(upper)
+            except OSError as error:
+                raise InternalError("failed to throw the changes away", error) from error
+        log.info("volume %s: changes thrown away", name)
+
+    def commit_into(self, name: str, target: Path, progress: Progress | None = None) -> None:
+        """Write the volume's merged content (base and changes) into the new folder `target`."""
+        volume = self.store.volume(name)
+        with unused(self.store, self.releases, volume, "a commit") as metadata:
+            try:
+                with _own_changes(self.store, volume, metadata) as upper:
+                    changes.merge_into(
+                        upper, self.store.lowers(metadata), target, progress=progress
+                    )
+            except FileExistsError:
+                raise UserError(f"{target} exists already; name a new folder") from None
+            except ValueError as error:
+                raise UserError(str(error)) from None
+            except OSError as error:
+                raise InternalError(f"failed to write {target}", error) from error
+        log.info("volume %s: merged content written to %s", name, target)
+
+    def commit_into_base(self, name: str, progress: Progress | None = None) -> None:
+        """Apply the changes onto the base itself, then start the volume afresh from it.
+
+        The base changes under every volume over it, around it or inside it: none of them
+        may be in use, and all of them stay locked until it is done.
+        """
+        volume = self.store.volume(name)
+        with ExitStack() as held:
+            metadata = held.enter_context(
+                unused(self.store, self.releases, volume, "a commit --into-base")
+            )
+            if not metadata.in_go_format:
+                raise UserError(
+                    f"volume {name} has layers, several bases or a size limit, which "
+                    "`commit --into-base` does not handle; write the merged content with "
+                    "`commit --into DIR` instead"
+                )
+            base = self.store.on_host(metadata.base_dir)
+            for other in self._volumes_sharing(base, besides=name):
+                try:
+                    held.enter_context(
+                        unused(
+                            self.store,
+                            self.releases,
+                            other,
+                            f"a commit --into-base of volume {name}",
+                        )
+                    )
+                except UserError as error:
+                    raise UserError(
+                        f"the base {metadata.base_dir} is shared with volume {other.name}, "
+                        f"which must not change under it: {error}"
+                    ) from None
+            try:
+                changes.apply_to_base(volume.upper, base, progress=progress)
+                volume.discard_changes()
+            except OSError as error:
+                raise InternalError(
+                    f"failed to apply the changes onto {metadata.base_dir} (running the "
+                    "command again finishes the job)",
+                    error,
+                ) from error
+        log.info("volume %s: changes applied onto %s", name, metadata.base_dir)
+
+    def resize(self, name: str, size: str) -> None:
+        """Give a sized volume a new limit: an image grows also while mounted, a tmpfs is
+        remounted; a shrink needs the volume unused and its changes to fit."""
+        volume = self.store.volume(name)
+        new_size = parse_size_option(size)
+        with self.store.locked(volume, "a resize"):
+            metadata = self.store.metadata(volume)
+            if metadata.size_limit is None:
+                raise UserError(f"volume {name} has no size limit to change")
+            mounted = kernel.is_mount_point(volume.limit)
+            if new_size < metadata.size_limit and volume.records.in_use():
+                raise UserError(
+                    f"volume {name} is in use: it can grow now, but shrink only while unused"
+                )
+            try:
+                if metadata.volatile:
+                    if mounted:
+                        sizelimit.resize_tmpfs(volume.limit, new_size)
+                elif new_size > metadata.size_limit:
+                    sizelimit.grow_image(volume.image, volume.limit if mounted else None, new_size)
+                elif new_size < metadata.size_limit:
+                    if mounted:
+                        overlay.release_storage(volume)  # no user: only a leftover mount
+                    sizelimit.shrink_image(volume.image, new_size)
+                volume.write_metadata(replace(metadata, size_limit=new_size))
+            except sizelimit.ResizeRefused as error:
+                raise UserError(f"volume {name}: {error}") from None
+            except (OSError, sizelimit.ToolFailed, sizelimit.ImageInUse) as error:
+                raise InternalError(f"failed to resize volume {name}", error) from error
+        log.info("volume %s: size limit now %d bytes", name, new_size)
+
+    def _volumes_sharing(self, base: Path, *, besides: str) -> list[Volume]:
+        """The other volumes whose base is `base`, inside it or around it."""
+        real = Path(os.path.realpath(base))
+        sharing = []
+        for other in self.store.volumes():
+            if other.name == besides:
+                continue
+            try:
+                theirs = self.store.on_host(self.store.metadata(other).base_dir)
+            except PluginError:
+                continue  # no metadata: it mounts nothing
+            theirs = Path(os.path.realpath(theirs))
+            if theirs == real or real in theirs.parents or theirs in real.parents:
+                sharing.append(other)
+        return sharing
+
+
+@contextmanager
+def unused(
+    store: VolumeStore, releases: PendingReleases, volume: Volume, doing: str
+) -> Iterator[Metadata]:
+    """Hold the volume's lock while nobody uses it, for `doing` (see store.locked);
+    refuse when somebody does. Gives the volume's metadata, read under the lock."""
+    with store.locked(volume, doing):
+        metadata = store.metadata(volume)
+        releases.retry(volume)
+        try:
+            users = volume.records.ids()
+        except OSError as error:
+            raise InternalError("failed to read the volume's usage records", error) from error
+        if users:
+            raise UserError(
+                f"volume {volume.name} is in use ({len(users)} mount(s)); "
+                "stop the containers that use it first"
+            )
+        # Its changes are about to change: no overlay of them may stay.
+        if not overlay.free_mountpoint(volume):
+            raise UserError(f"volume {volume.name}: {overlay.HELD_ON_HOST}; close them first")
+        try:
+            store.layers.settle_snapshot(volume, metadata.layers)
+        except (OSError, ValueError) as error:
+            raise InternalError("failed to settle a snapshot cut short", error) from error
+        yield metadata
+
+
+@contextmanager
+def _lower_view(store: VolumeStore, lowers: list[Path]) -> Iterator[Path]:
+    """The lower layers as the containers see them below the changes: the base itself,
+    or a read-only overlay of them all, mounted aside while needed."""
+    if len(lowers) == 1:
+        yield lowers[0]
+        return
+    view = Path(tempfile.mkdtemp(prefix=VIEW_PREFIX, dir=store.root))
+    try:
+        kernel.mount_read_only_overlay(lowers, view)
+        try:
+            yield view
+        finally:
+            kernel.unmount(view, flags=kernel.MNT_DETACH)
+    finally:
+        os.rmdir(view)
+
+
+@contextmanager
+def _own_changes(store: VolumeStore, volume: Volume, metadata: Metadata) -> Iterator[Path]:
+    """The volume's upper directory. A sized volume's is in its storage: when that is
+    not mounted (nobody uses the volume), its image is mounted aside meanwhile, and a
+    volatile volume has no changes then."""
+    if metadata.size_limit is None:
+        yield volume.upper
+        return
+    if kernel.is_mount_point(volume.limit):
+        yield volume.limit / "upper"
+        return
+    view = Path(tempfile.mkdtemp(prefix=VIEW_PREFIX, dir=store.root))
+    try:
+        if metadata.volatile:
+            os.mkdir(view / "upper")
+            try:
+                yield view / "upper"
+            finally:
+                os.rmdir(view / "upper")
+            return
+        sizelimit.mount_image(volume.image, view)
+        try:
+            with suppress(FileExistsError):
+                os.mkdir(view / "upper", 0o755)
+            yield view / "upper"
+        finally:
+            kernel.unmount(view)
+    finally:
+        os.rmdir(view)
