@@ -26,6 +26,10 @@ the loop's, and those for other volumes run on other workers while some are free
 A reply that never reaches its client (the client has gone, the send fails, the client
 is cut before it has read it all) goes back to the application (`undelivered`), once,
 on a worker: undoing a Mount may wait on its volume's lock.
+
+PluginServer is somewhat over 250 lines: it is one state machine over every connection
+(_State), and its parts (accepting, reading, replying, timing out, making room) share
+the loop's state; split into classes they would pass it back and forth.
 """
 
 from __future__ import annotations
