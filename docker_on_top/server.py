@@ -63,9 +63,11 @@ _SWEEP_INTERVAL_S = 5.0
 # that closing does not reset the connection before it has read the reply.
 _DRAIN_S = 1.0
 _DRAIN_READS = 64
-# Requests of different volumes run at once up to this many; the requests of one volume
-# wait for each other on its lock anyway.
-MAX_WORKERS = 16
+# Requests that may block run at once up to this many. Each request waiting on a volume's
+# lock holds a worker, so this many can wait on one volume before requests for other
+# volumes queue behind them (4 s each, the driver's bound on a lock wait); an idle
+# worker costs nothing, it ends.
+MAX_WORKERS = 64
 
 
 class Application(Protocol):

@@ -192,3 +192,44 @@ def read_reply(sock: socket.socket) -> Reply:
                 (reply,) = parse_responses(bytes(data))
                 return reply
         assert chunk, f"the daemon closed without a reply: {bytes(data)!r}"
+
+
+# More than twice a pool of 16 workers (each blocked Mount holds one for up to 4 s), and
+# fewer than the daemon's MAX_WORKERS.
+BLOCKED_BEFORE_OTHERS = 40
+
+
+def test_mounts_blocked_on_one_volume_hold_up_no_mount_of_another(
+    ws: Workspace, daemon: Daemon, client: PluginClient
+) -> None:
+    """Requests waiting on one volume's lock each hold a worker; a Mount of another
+    volume still gets one at once, not after their lock waits (Podman gives a call 5 s)."""
+    client.create("busy", ws.base)
+    client.create("other", ws.base)
+    volume, other = ws.volume("busy"), ws.volume("other")
+    waiting: list[socket.socket] = []
+    try:
+        with flock_held(volume.activemounts):
+            for index in range(BLOCKED_BEFORE_OTHERS):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                waiting.append(sock)
+                sock.settimeout(CALL_TIMEOUT_S)
+                sock.connect(str(ws.socket))
+                body = json.dumps({"Name": "busy", "ID": f"blocked-{index}"}).encode()
+                sock.sendall(http_request("/VolumeDriver.Mount", body))
+            wait_until(
+                lambda: all(unread_bytes(sock) == 0 for sock in waiting),
+                "the daemon read every Mount",
+            )
+            mounted = PluginClient(ws.socket, timeout=5.0).mount("other", "c1")
+            assert mounted == f"{other.mountpoint}/"
+        replies = [read_reply(sock) for sock in waiting]
+    finally:
+        for sock in waiting:
+            sock.close()
+    for index, reply in enumerate(replies):
+        if reply.status == 200:
+            client.unmount("busy", f"blocked-{index}")
+    client.unmount("other", "c1")
+    assert volume.records() == {} and other.records() == {}
+    assert mounts_at(volume.mountpoint) == [] and mounts_at(other.mountpoint) == []
