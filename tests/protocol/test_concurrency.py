@@ -118,10 +118,30 @@ def test_concurrent_mounts_with_one_shared_id_count_every_use(
     assert len(mounts_at(volume.mountpoint)) == 1
 
 
-# More than the old loop's 64 threads: at the 65th blocked request it stalled, for good
-# while lock waits were unbounded; with the 4 s bound, once per 65 requests, so twice as
-# many stall it for longer than the client waits.
+# More than the old loop's 64 threads (at the 65th blocked request it stalled: for good
+# while lock waits were unbounded, 4 s at a time since), and more than the pool's 64
+# workers, so that some wait in its queue (twice as many: most of them).
 BLOCKED = (70, 140)
+
+
+def connected(ws: Workspace, context: str) -> socket.socket:
+    """A connection to the daemon, as a blocking client (dockerd) makes it: connect(2)
+    waits while the listen queue is full, here for at most CALL_TIMEOUT_S."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A unix socket's connect waits up to its send timeout (a Python socket timeout
+    # would make it non-blocking: no wait at all).
+    send_timeout = struct.pack("ll", int(CALL_TIMEOUT_S), 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, send_timeout)
+    try:
+        sock.connect(str(ws.socket))
+    except BlockingIOError:
+        sock.close()
+        raise AssertionError(
+            f"{context}, the daemon accepted no connection for {CALL_TIMEOUT_S:g} s: "
+            "its loop has stopped"
+        ) from None
+    sock.settimeout(CALL_TIMEOUT_S)
+    return sock
 
 
 def unread_bytes(sock: socket.socket) -> int:
@@ -143,16 +163,8 @@ def test_mounts_blocked_on_one_volume_hold_up_no_other_volume(
     try:
         with flock_held(volume.activemounts):
             for index in range(blocked):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(CALL_TIMEOUT_S)
+                sock = connected(ws, f"after {index} Mounts")
                 waiting.append(sock)
-                try:
-                    sock.connect(str(ws.socket))
-                except BlockingIOError:  # a unix socket's connect does not wait
-                    raise AssertionError(
-                        f"after {index} Mounts the daemon's listen queue is full: "
-                        "its loop has stopped accepting"
-                    ) from None
                 body = json.dumps({"Name": "busy", "ID": f"blocked-{index}"}).encode()
                 sock.sendall(http_request("/VolumeDriver.Mount", body))
             # Every request reaches the daemon's loop, which hands it on and goes on.
@@ -211,10 +223,8 @@ def test_mounts_blocked_on_one_volume_hold_up_no_mount_of_another(
     try:
         with flock_held(volume.activemounts):
             for index in range(BLOCKED_BEFORE_OTHERS):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock = connected(ws, f"after {index} Mounts")
                 waiting.append(sock)
-                sock.settimeout(CALL_TIMEOUT_S)
-                sock.connect(str(ws.socket))
                 body = json.dumps({"Name": "busy", "ID": f"blocked-{index}"}).encode()
                 sock.sendall(http_request("/VolumeDriver.Mount", body))
             wait_until(
