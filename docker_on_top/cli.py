@@ -24,10 +24,12 @@ from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
 from .doctor import doctor
 from .driver import Driver
 from .errors import PluginError, UserError
+from .listener import Listener, StartupError
 from .output import human_size, json_path, print_columns, quote, write
+from .plugin_api import PluginAPI
 from .recovery import recover
 from .releases import PendingReleases
-from .server import PluginServer, StartupError
+from .server import PluginServer
 from .snapshots import VolumeSnapshots
 from .store import VolumeStore, parse_reference
 
@@ -218,15 +220,14 @@ def serve(settings: Settings) -> int:
     setup_logging(settings.log_level, timestamps=settings.host_root is None)
     store = VolumeStore(settings.root, settings.host_root)
     releases = PendingReleases()
-    server = PluginServer(Driver(store, releases), settings.socket)
     try:
         # Bind first: a second instance must be refused before its recovery touches
         # the state of the first. Requests wait in the listen queue meanwhile.
         inherited = _inherited_socket()
         if inherited is None:
-            server.bind()
+            listener = Listener.bind(settings.socket)
         else:
-            server.adopt(inherited)
+            listener = Listener.adopt(inherited)
             log.info("serving on the socket passed by systemd")
     except (StartupError, OSError) as error:
         log.error("cannot start: %s", error)
@@ -235,8 +236,9 @@ def serve(settings: Settings) -> int:
         recover(store, releases)
     except (PluginError, OSError) as error:
         log.error("cannot start: %s", error)
-        server.close()
+        listener.close()
         return 1
+    server = PluginServer(PluginAPI(Driver(store, releases)), listener)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
     # In the background: dockerd may itself be waiting for this plugin to answer.

@@ -1,35 +1,52 @@
-"""The protocol layer: Docker's volume plugin protocol, HTTP/1.1 on a unix socket.
+"""The plugin's socket server: HTTP/1.1 connections on a unix socket, kept by one
+event-loop thread and a bounded pool of worker threads (workers.py). It moves bytes,
+keeps time and hands out work; what a request means is the application's
+(plugin_api.py), how bytes frame requests is wire's, the listening socket and its file
+are listener.py's. It knows nothing of volumes or endpoints.
 
-It decodes each request, calls the driver, and encodes the reply; it knows nothing
-about storage. Every failure is HTTP 500 with `{"Err": ...}` (Podman looks only at
-the status code).
+The loop thread accepts, reads, frames, sends, and times out every connection, and
+answers itself the requests the application says cannot block (they only read state),
+so those never wait for a thread, whatever the workers are doing. The others go to the
+pool: at most MAX_WORKERS threads, one started when work finds none idle, each ending
+after a while without work; work beyond that waits in the pool's queue while the loop
+goes on serving. A worker answers the request, sends the reply itself (so all the
+syscalls of a request, up to its reply, are on one thread; tests/faults counts on it),
+and hands the connection back to the loop through the wake-up pipe; the loop sends what
+did not fit in the socket's buffer. While a worker has a connection, the loop does not
+touch its socket.
 
-One thread runs an event loop over every connection: it accepts, reads, parses
-(`wire`), answers the quick requests itself and hands the ones that may take a while
-(Create, Remove, Mount, Unmount, List) to a few worker threads. A connection thus
-costs no thread, a burst of connections no thread start-ups, and a client that stalls
-holds nothing but its buffer.
+Why a pool and not a thread per connection: a connection costs no thread (dockerd keeps
+idle keep-alive connections, and MAX_CONNECTIONS clients may stall), a client that
+stalls holds nothing but its buffer, and the timeouts and the make-room policy stay on
+one thread that sees every connection. Why not the loop alone: a Mount can wait seconds
+on a volume's lock, and the other requests must not wait behind it: the quick ones are
+the loop's, and those for other volumes run on other workers while some are free
+(MAX_WORKERS requests that wait on one volume's lock fill the pool; the rest queue).
+
+A reply that never reaches its client (the client has gone, the send fails, the client
+is cut before it has read it all) goes back to the application (`undelivered`), once,
+on a worker: undoing a Mount may wait on its volume's lock.
+
+PluginServer is somewhat over 250 lines: it is one state machine over every connection
+(_State), and its parts (accepting, reading, replying, timing out, making room) share
+the loop's state; split into classes they would pass it back and forth.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import selectors
 import socket
-import stat
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
-from pathlib import Path
 from typing import Protocol
 
-from .errors import InternalError, PluginError, UserError
-from .wire import BadRequest, Request, encode_response, parse_request
+from .listener import Listener
+from .wire import CONTINUE, BadRequest, Request, RequestReader, Response, encode_response
+from .workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -46,119 +63,20 @@ _SWEEP_INTERVAL_S = 5.0
 # that closing does not reset the connection before it has read the reply.
 _DRAIN_S = 1.0
 _DRAIN_READS = 64
-# Requests that may take a while. The loop thread answers them itself (handing them to
-# another thread costs a wake-up on the way); if one takes longer than _TAKEOVER_S, a
-# standby thread takes the loop over, so that a slow mount never holds up the other
-# clients. At most MAX_THREADS threads answer requests at once.
-_SLOW_ENDPOINTS = frozenset(
-    {
-        "/VolumeDriver.Create",
-        "/VolumeDriver.Remove",
-        "/VolumeDriver.Mount",
-        "/VolumeDriver.Unmount",
-        "/VolumeDriver.List",
-    }
-)
-_TAKEOVER_S = 0.05
-MAX_THREADS = 64
-# How long after a slow request the standbys keep looking rather than sleep.
-_WATCH_S = 10.0
+# Requests that may block run at once up to this many. Each request waiting on a volume's
+# lock holds a worker, so this many can wait on one volume before requests for other
+# volumes queue behind them (4 s each, the driver's bound on a lock wait); an idle
+# worker costs nothing, it ends.
+MAX_WORKERS = 64
 
 
-class Mountable(Protocol):
-    """The volume information the protocol layer encodes."""
+class Application(Protocol):
+    """What the server needs of the protocol it serves (see plugin_api.PluginAPI)."""
 
-    @property
-    def name(self) -> str: ...
-    @property
-    def mountpoint(self) -> str: ...
-    @property
-    def created_at(self) -> str: ...
-    @property
-    def status(self) -> Mapping[str, object]: ...
-
-
-class VolumeDriver(Protocol):
-    """What the protocol layer needs of a driver (see driver.Driver)."""
-
-    def capabilities(self) -> str: ...
-    def create(self, name: str, options: Mapping[str, str]) -> None: ...
-    def get(self, name: str) -> Mountable: ...
-    def remove(self, name: str) -> None: ...
-    def path(self, name: str) -> str: ...
-    def mount(self, name: str, mount_id: str) -> str: ...
-    def unmount(self, name: str, mount_id: str) -> None: ...
-    def list_volumes(self) -> Sequence[Mountable]: ...
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says why and what to do."""
-
-
-def _volume_json(volume: Mountable) -> dict[str, object]:
-    document: dict[str, object] = {"Name": volume.name}
-    if volume.mountpoint:
-        document["Mountpoint"] = volume.mountpoint
-    if volume.created_at:
-        document["CreatedAt"] = volume.created_at
-    if volume.status:
-        document["Status"] = volume.status
-    return document
-
-
-def _string_field(body: Mapping[str, object], key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str):
-        raise UserError(f"invalid request: {key} must be a string")
-    return value
-
-
-def _options_field(body: Mapping[str, object]) -> dict[str, str]:
-    options = body.get("Opts")
-    if options is None:
-        return {}
-    if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
-        raise UserError("invalid request: Opts must be an object of string values")
-    return options
-
-
-Handler = Callable[[Mapping[str, object]], dict[str, object]]
-
-
-def build_routes(driver: VolumeDriver) -> dict[str, Handler]:
-    def create(body: Mapping[str, object]) -> dict[str, object]:
-        driver.create(_string_field(body, "Name"), _options_field(body))
-        return {}
-
-    def remove(body: Mapping[str, object]) -> dict[str, object]:
-        driver.remove(_string_field(body, "Name"))
-        return {}
-
-    def unmount(body: Mapping[str, object]) -> dict[str, object]:
-        driver.unmount(_string_field(body, "Name"), _string_field(body, "ID"))
-        return {}
-
-    return {
-        "/Plugin.Activate": lambda _: {"Implements": ["VolumeDriver"]},
-        "/VolumeDriver.Capabilities": lambda _: {"Capabilities": {"Scope": driver.capabilities()}},
-        "/VolumeDriver.Create": create,
-        "/VolumeDriver.List": lambda _: {
-            "Volumes": [_volume_json(v) for v in driver.list_volumes()]
-        },
-        "/VolumeDriver.Get": lambda body: {
-            "Volume": _volume_json(driver.get(_string_field(body, "Name")))
-        },
-        "/VolumeDriver.Remove": remove,
-        "/VolumeDriver.Path": lambda body: {"Mountpoint": driver.path(_string_field(body, "Name"))},
-        "/VolumeDriver.Mount": lambda body: {
-            "Mountpoint": driver.mount(_string_field(body, "Name"), _string_field(body, "ID"))
-        },
-        "/VolumeDriver.Unmount": unmount,
-    }
-
-
-# Requests that dockerd may send with an empty body.
-_EMPTY_BODY_OK = frozenset({"/Plugin.Activate", "/VolumeDriver.Capabilities", "/VolumeDriver.List"})
+    def may_block(self, request: Request) -> bool: ...
+    def answer(self, request: Request) -> Response: ...
+    def refuse(self, reason: str) -> Response: ...
+    def undelivered(self, request: Request, response: Response) -> None: ...
 
 
 class _State(enum.Enum):
@@ -173,11 +91,12 @@ class _Client:
     """One connection and where it stands."""
 
     __slots__ = (
+        "answered",
         "closing",
         "ended",
         "events",
+        "reader",
         "reads",
-        "received",
         "refused",
         "since",
         "sock",
@@ -188,8 +107,10 @@ class _Client:
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
         self.events = selectors.EVENT_READ  # what the selector waits for; 0 when unregistered
-        self.received = bytearray()
+        self.reader = RequestReader()
         self.unsent = memoryview(b"")
+        # The request and response whose reply is in `unsent`, for `undelivered`.
+        self.answered: tuple[Request, Response] | None = None
         self.state = _State.IDLE
         # When it began to wait on its client (the basis of every timeout).
         self.since = now
@@ -202,119 +123,21 @@ class _Client:
         return self.state is not _State.ANSWERING
 
 
-class _LoopTakenOver(Exception):
-    """In a thread that took so long to answer a request that another took the loop over."""
-
-
 class PluginServer:
-    def __init__(self, driver: VolumeDriver, socket_path: Path) -> None:
-        self.socket_path = socket_path
-        self._routes = build_routes(driver)
+    def __init__(self, application: Application, listener: Listener) -> None:
+        self._app = application
+        self._listener: Listener | None = listener
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._listener: socket.socket | None = None
-        self._socket_inode = 0
         self._stop_requested = False
+        self._workers = Workers(MAX_WORKERS)
+        # Connections that workers hand back: whether their reply went out (all of it,
+        # or the rest is in `unsent`), or not.
+        self._handed_back: deque[tuple[_Client, bool]] = deque()
         # Only the loop thread touches these.
         self._selector = selectors.DefaultSelector()
         self._clients: set[_Client] = set()
         self._pending: deque[_Client] = deque()
         self._next_sweep = 0.0
-        # Replies of requests whose thread lost the loop meanwhile, for the loop to finish.
-        self._answers_lock = threading.Lock()
-        self._answers: list[tuple[_Client, memoryview]] = []
-        # Who holds the loop, under `_role`: the generation counts take-overs.
-        self._role = threading.Condition(threading.Lock())
-        self._generation = 0
-        # The slow request the loop thread is answering: when it began, and whose it is.
-        self._slow: tuple[float, _Client] | None = None
-        self._standbys = 0
-        self._sleepers = 0  # standbys that wait to be woken rather than look
-        self._last_slow = -_WATCH_S  # when the last slow request began
-        self._threads: set[threading.Thread] = set()  # besides the one that called serve
-        self._done = False
-        self._failure: BaseException | None = None
-
-    # --- handling one request (no I/O of its own: usable without a socket) ---------
-
-    def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict[str, object]]:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("request %s %s", path, body[:2048].decode("utf-8", "replace"))
-        try:
-            route = self._routes.get(path)
-            if route is None:
-                raise UserError(f"unknown endpoint {path}")
-            if method != "POST":
-                raise UserError(f"{path} takes POST, not {method}")
-            return 200, route(self._decode(path, body))
-        except UserError as error:
-            log.info("%s refused: %s", path, error)
-            return 500, {"Err": str(error)}
-        except PluginError as error:
-            log.error("%s failed: %s", path, error)
-            return 500, {"Err": str(error)}
-        except Exception as error:
-            log.exception("%s failed unexpectedly", path)
-            return 500, {"Err": str(InternalError("unexpected failure", error))}
-
-    @staticmethod
-    def _decode(path: str, body: bytes) -> Mapping[str, object]:
-        if not body.strip():
-            if path in _EMPTY_BODY_OK:
-                return {}
-            raise UserError(f"invalid request: {path} needs a JSON body")
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise UserError(f"invalid request: the body is not JSON ({error})") from None
-        except RecursionError:
-            raise UserError("invalid request: the JSON body is nested too deeply") from None
-        if document is None and path in _EMPTY_BODY_OK:
-            return {}
-        if not isinstance(document, dict):
-            raise UserError("invalid request: the body must be a JSON object")
-        return document
-
-    # --- the socket ----------------------------------------------------------------
-
-    def bind(self) -> None:
-        """Create the listening socket, replacing a stale socket file left by a crash."""
-        path = self.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            mode = path.lstat().st_mode
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(mode):
-                raise StartupError(f"{path} exists and is not a socket; move it away first")
-            if _socket_answers(path):
-                raise StartupError(
-                    f"another plugin instance is already serving on {path}; stop it first, "
-                    "or give this one another --name or --socket"
-                )
-            log.warning("replacing the stale socket %s left by an earlier run", path)
-            path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(path))
-            os.chmod(path, 0o660)
-            if os.geteuid() == 0:
-                os.chown(path, 0, 0)
-            listener.listen(128)
-        except OSError:
-            listener.close()
-            raise
-        self._socket_inode = path.stat().st_ino
-        self._listener = listener
-
-    def adopt(self, listener: socket.socket) -> None:
-        """Serve on a listening socket made by someone else (systemd socket activation).
-
-        Its file belongs to its maker: it is never removed here.
-        """
-        if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-            raise StartupError("the inherited socket is not a unix stream socket")
-        self._listener = listener
 
     def request_stop(self) -> None:
         """Ask `serve` to stop; safe from a signal handler and from any thread."""
@@ -322,123 +145,39 @@ class PluginServer:
         self._wake()
 
     def _wake(self) -> None:
-        with suppress(BlockingIOError):  # a wake-up is already pending
+        # Should the write fail, the loop still looks at its next sweep.
+        with suppress(OSError):  # BlockingIOError: a wake-up is already pending
             os.write(self._wake_write, b"x")
 
     def serve(self) -> None:
-        """Serve until `request_stop`; then finish the requests begun and return."""
-        assert self._listener is not None, "bind() first"
-        self._listener.setblocking(False)
-        self._selector.register(self._listener, selectors.EVENT_READ)
+        """Serve until `request_stop`; then finish the requests begun (those queued for a
+        worker too) and return."""
+        assert self._listener is not None, "serve() runs once"
+        self._listener.socket.setblocking(False)
+        self._selector.register(self._listener.socket, selectors.EVENT_READ)
         self._selector.register(self._wake_read, selectors.EVENT_READ)
         self._next_sweep = time.monotonic() + _SWEEP_INTERVAL_S
-        with self._role:
-            self._spawn_standby()
-        self._take_turns(holding=True)
-        with self._role:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join()
-        self._selector.close()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
-        if self._failure is not None:
-            raise self._failure
-
-    def _take_turns(self, *, holding: bool) -> None:
-        """Run the loop while holding it; after a take-over, stand by to take it back.
-        The thread that called serve stays until serving is over; another ends when it
-        is not needed as a standby."""
-        main = holding
-        while True:
-            if not holding:
-                taken_from = self._standby(main=main)
-                if taken_from is None:
-                    break
-                # The client whose request goes on in the other thread stays out of the
-                # loop until its reply comes back.
-                self._listen_for(taken_from, 0)
-            holding = False
-            try:
-                self._run_loop()
-            except _LoopTakenOver:
-                continue
-            except BaseException as error:
-                with self._role:
-                    self._failure = self._failure or error
-            with self._role:
-                self._done = True
-                self._role.notify_all()
-            break
-        if not main:
-            with self._role:
-                self._threads.discard(threading.current_thread())
-
-    def _standby(self, *, main: bool) -> _Client | None:
-        """Wait until the loop thread has spent too long on one request: the loop is this
-        thread's now, and that request's client is returned. None: serving is over, or
-        one standby too many waits.
-
-        While slow requests come, a standby looks every _TAKEOVER_S rather than being
-        woken for each: waking a thread costs more than many a request.
-        """
-        with self._role:
-            self._standbys += 1
-            try:
-                while not self._done:
-                    now = time.monotonic()
-                    if self._slow is not None:
-                        since, client = self._slow
-                        left = since + _TAKEOVER_S - now
-                        if left <= 0:
-                            self._slow = None
-                            self._generation += 1
-                            return client
-                        self._role.wait(left)
-                    elif self._standbys > 1 and not main:
-                        return None  # one standby is enough
-                    elif now - self._last_slow < _WATCH_S:
-                        self._role.wait(_TAKEOVER_S)
-                    else:
-                        self._sleepers += 1
-                        try:
-                            self._role.wait()
-                        finally:
-                            self._sleepers -= 1
-                return None
-            finally:
-                self._standbys -= 1
-
-    def _watch_slow_request(self) -> None:
-        """Under `_role`, as a slow request begins: make sure a standby watches it."""
-        self._last_slow = time.monotonic()
-        if not self._standbys:
-            self._spawn_standby()
-        elif self._sleepers == self._standbys:
-            self._role.notify()
-
-    def _spawn_standby(self) -> None:
-        if len(self._threads) < MAX_THREADS:
-            thread = threading.Thread(
-                target=self._take_turns, kwargs={"holding": False}, name="loop", daemon=True
-            )
-            self._threads.add(thread)
-            thread.start()
+        try:
+            self._run_loop()
+        finally:
+            self._workers.close()  # before the wake-up pipe goes: workers write to it
+            self._selector.close()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     def _run_loop(self) -> None:
-        """Serve until serving is over, or until another thread takes the loop over."""
         try:
             while self._listener is not None or self._clients:
                 timeout = max(0.0, self._next_sweep - time.monotonic())
                 for key, events in self._selector.select(timeout):
-                    if key.fileobj is self._listener:
+                    if self._listener is not None and key.fileobj is self._listener.socket:
                         self._accept()
                     elif key.data is None:  # the wake-up pipe
                         with suppress(BlockingIOError):
                             os.read(self._wake_read, 4096)
                     else:
                         self._on_ready(key.data, events)
-                self._send_answers()
+                self._take_handed_back()
                 self._take_pending_requests()
                 if self._stop_requested and self._listener is not None:
                     self._stop_listening()
@@ -446,29 +185,20 @@ class PluginServer:
                 if now >= self._next_sweep:
                     self._cut_overdue(now)
                     self._next_sweep = now + _SWEEP_INTERVAL_S
-        except _LoopTakenOver:
-            raise
         except BaseException:
+            # A worker's connection stays with it: the worker ends before serve returns.
             for client in list(self._clients):
-                self._close(client)
+                if client.state is not _State.ANSWERING:
+                    self._close(client)
             if self._listener is not None:
                 self._stop_listening()
             raise
 
-    def close(self) -> None:
-        """Give up the socket without serving (a start that failed after `bind`)."""
-        if self._listener is not None:
-            self._listener.close()
-            self._remove_own_socket()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
-
     def _stop_listening(self) -> None:
         assert self._listener is not None
-        self._selector.unregister(self._listener)
+        self._selector.unregister(self._listener.socket)
         self._listener.close()
         self._listener = None
-        self._remove_own_socket()
         idle = [c for c in self._clients if c.state in (_State.IDLE, _State.DRAINING)]
         for client in idle:
             self._close(client)
@@ -481,7 +211,7 @@ class PluginServer:
         assert self._listener is not None
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = self._listener.socket.accept()
             except BlockingIOError:
                 return
             except OSError as error:
@@ -528,12 +258,16 @@ class PluginServer:
                 self._close(client)
 
     def _close(self, client: _Client) -> None:
+        """Close a connection the loop holds (never one a worker has)."""
         if client not in self._clients:
             return
         self._clients.discard(client)
         with suppress(KeyError, ValueError):
             self._selector.unregister(client.sock)
         client.sock.close()
+        if client.unsent and client.answered is not None:
+            request, response = client.answered
+            self._workers.submit(lambda: self._app.undelivered(request, response))
 
     def _listen_for(self, client: _Client, events: int) -> None:
         if events == client.events:
@@ -568,77 +302,84 @@ class PluginServer:
             return
         if not data:
             client.ended = True
-            if not client.received:
+            client.reader.end()
+            if client.reader.idle:
                 self._close(client)
                 return
         else:
-            client.received += data
+            client.reader.feed(data)
             if client.state is _State.IDLE:
                 client.state = _State.RECEIVING
                 client.since = time.monotonic()
         self._take_request(client)
 
     def _take_request(self, client: _Client) -> None:
-        """Answer the request at the start of what the client sent, once it is whole."""
+        """Answer the next request of the client, once it is whole."""
         try:
-            parsed = parse_request(client.received, at_end=client.ended)
-            if parsed is None and client.ended:
-                raise BadRequest("request cut short")
+            request = client.reader.next_request()
         except BadRequest as error:
-            log.info("bad request on the socket: %s", error)
-            client.received.clear()
             client.closing = client.refused = True
-            self._reply(
-                client, encode_response(500, {"Err": f"bad request: {error}"}, keep_alive=False)
-            )
+            response = self._app.refuse(str(error))
+            self._reply(client, encode_response(response, keep_alive=False))
             return
-        if parsed is None:
+        if request is None:
+            if client.reader.take_continue():
+                self._send_interim(client)
             return
-        request, used = parsed
-        del client.received[:used]
         client.state = _State.ANSWERING
         client.closing = client.ended or not request.keep_alive
-        if request.path in _SLOW_ENDPOINTS:
-            self._answer_slow(client, request)
-        else:
-            self._reply(client, self._answer_bytes(request))
-
-    def _answer_bytes(self, request: Request) -> bytes:
-        status, document = self.handle(request.method, request.path, request.body)
-        return encode_response(status, document, keep_alive=request.keep_alive)
-
-    def _answer_slow(self, client: _Client, request: Request) -> None:
-        with self._role:
-            generation = self._generation
-            self._slow = (time.monotonic(), client)
-            self._watch_slow_request()
-        reply = self._answer_bytes(request)
-        with self._role:
-            taken_over = self._generation != generation
-            if not taken_over:
-                self._slow = None
-        if not taken_over:
-            self._reply(client, reply)
+        if self._app.may_block(request):
+            self._listen_for(client, 0)
+            self._workers.submit(lambda: self._answer_on_worker(client, request))
             return
-        # The loop is another thread's now: send what fits at once, leave the rest to it.
-        rest = memoryview(reply)
-        with suppress(OSError):  # the loop's own attempt reports it
-            rest = rest[client.sock.send(rest) :]
-        with self._answers_lock:
-            self._answers.append((client, rest))
+        response = self._app.answer(request)
+        client.answered = request, response
+        self._reply(client, encode_response(response, keep_alive=request.keep_alive))
+
+    def _send_interim(self, client: _Client) -> None:
+        """`100 Continue`; what does not fit goes out in front of the reply."""
+        try:
+            sent = client.sock.send(CONTINUE)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            log.debug("connection closed: %s", error)
+            self._close(client)
+            return
+        client.unsent = memoryview(CONTINUE)[sent:]
+
+    def _answer_on_worker(self, client: _Client, request: Request) -> None:
+        """On a worker: answer and send; then hand the connection back to the loop."""
+        response = self._app.answer(request)
+        reply = bytes(client.unsent) + encode_response(response, keep_alive=request.keep_alive)
+        try:
+            sent = client.sock.send(reply)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            log.debug("connection closed before its reply: %s", error)
+            self._app.undelivered(request, response)
+            self._handed_back.append((client, False))
+        else:
+            client.unsent = memoryview(reply)[sent:]
+            client.answered = request, response
+            self._handed_back.append((client, True))
         self._wake()
-        raise _LoopTakenOver
 
-    def _send_answers(self) -> None:
-        with self._answers_lock:
-            answers, self._answers = self._answers, []
-        for client, rest in answers:
-            self._reply(client, rest)
+    def _take_handed_back(self) -> None:
+        while self._handed_back:
+            client, delivering = self._handed_back.popleft()
+            if not delivering:
+                self._close(client)
+                continue
+            client.state = _State.SENDING
+            client.since = time.monotonic()
+            self._send(client)
 
-    def _reply(self, client: _Client, reply: bytes | memoryview) -> None:
+    def _reply(self, client: _Client, reply: bytes) -> None:
         if client not in self._clients:
             return
-        client.unsent = memoryview(reply)
+        client.unsent = memoryview(bytes(client.unsent) + reply if client.unsent else reply)
         client.state = _State.SENDING
         client.since = time.monotonic()
         self._send(client)
@@ -659,6 +400,7 @@ class PluginServer:
                     client.since = time.monotonic()
                 self._listen_for(client, selectors.EVENT_WRITE)
                 return
+        client.answered = None  # delivered
         self._listen_for(client, selectors.EVENT_READ)
         client.since = time.monotonic()
         if client.refused and not client.ended:
@@ -667,7 +409,7 @@ class PluginServer:
             client.state = _State.DRAINING
         elif client.closing or self._stop_requested:
             self._close(client)
-        elif client.received:
+        elif not client.reader.idle:
             client.state = _State.RECEIVING
             self._pending.append(client)  # pipelined: taken up by the loop, not recursively
         else:
@@ -678,25 +420,3 @@ class PluginServer:
             client = self._pending.popleft()
             if client in self._clients and client.state is _State.RECEIVING:
                 self._take_request(client)
-
-    def _remove_own_socket(self) -> None:
-        # A second instance may have replaced our socket file meanwhile; leave theirs alone.
-        if not self._socket_inode:
-            return  # adopted, not ours
-        try:
-            if self.socket_path.stat().st_ino == self._socket_inode:
-                self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def _socket_answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(2.0)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True

@@ -89,7 +89,7 @@ def _error_points() -> list[object]:
     for scenario in _scenarios():
         trace = clean_trace(scenario.name)
         for call in trace.calls:
-            if call.name not in FAILING:
+            if call.name not in FAILING or call.wake_up:
                 continue
             names = ERRNOS if FULL else (ERRNOS[turn % len(ERRNOS)],)
             turn += 1

@@ -2,21 +2,24 @@
 
 How a fault reaches exactly one step of one request
 ---------------------------------------------------
-The daemon answers every request on the thread that runs its event loop (should one
-take longer than 50 ms, the loop moves on to a standby thread while the request stays on
-its thread), and strace counts `when=N` per syscall *and per thread* ("Accounting of
-syscalls that are subject to injection is done per syscall and per tracee", strace(1)).
-So the harness
+The daemon answers every request that changes state (Create, Mount, Unmount, Remove) on
+one worker thread, from its first syscall to the sending of its reply (server.py), and
+strace counts `when=N` per syscall *and per thread* ("Accounting of syscalls that are
+subject to injection is done per syscall and per tracee", strace(1)). So the harness
 
-1. waits until the idle daemon has no thread but the loop's and its standby (a thread
-   that gave the loop up while answering has ended),
+1. waits until every thread of the idle daemon sleeps: the loop's in epoll_wait, the
+   workers' waiting for work, each past the last syscall of the request it served,
 2. attaches `strace -f -p PID` to it, with the injection, and waits until the kernel
    shows strace as the tracer of every thread (/proc/PID/task/*/status, TracerPid),
 3. sends the one request under test on a new connection.
 
 The counting starts at the attach, and until the request arrives the loop only waits in
-epoll_wait; accepting and reading the connection are not in the traced set, so the
-counts are those of the request, all on one thread.
+epoll_wait; accepting and reading the connection, and handing the request to a worker,
+are not in the traced set, so the counts are those of the request, all on one thread
+(a worker started for it is traced from its first syscall). The worker's last traced
+call, once the reply is sent, is the byte it writes to the loop's wake-up pipe; strace
+counts it like any write, so it stays among the calls, marked `wake_up`: no fault is
+injected there (a kill there leaves what a kill after the reply leaves).
 `inject=SYSCALL:signal=KILL:when=N` kills the whole daemon on entering the N-th
 SYSCALL of the request, before it runs (the kernel skips a syscall when a fatal signal
 is pending at syscall entry). `inject=SYSCALL:error=E:when=N` makes it fail with E
@@ -50,6 +53,8 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from docker_on_top.server import MAX_WORKERS
 
 from ..protocol.conftest import (
     Daemon,
@@ -117,15 +122,17 @@ class Call:
     name: str
     occurrence: int  # 1-based, among the request's calls of this syscall: strace's when=
     text: str
+    wake_up: bool = False  # the worker's write to the loop's wake-up pipe
 
     @property
     def mutating(self) -> bool:
         """Whether it can change what a crash leaves behind on disk or in the mount table.
 
         fsync only matters for power loss, which a killed process is not; a write to
-        fd 2 is the log; an openat without O_CREAT only reads.
+        fd 2 is the log, one to the wake-up pipe only wakes the loop; an openat without
+        O_CREAT only reads.
         """
-        if self.name in ("flock", "fsync", "fdatasync", "sendto"):
+        if self.name in ("flock", "fsync", "fdatasync", "sendto") or self.wake_up:
             return False
         if self.name == "openat":
             return "O_CREAT" in self.text
@@ -143,8 +150,9 @@ class Call:
         return f"{self.position:02d}-{self.name}#{self.occurrence}"
 
 
-def parse_trace(path: Path) -> tuple[list[Call], bool]:
-    """The traced calls of the request, and whether the daemon was killed."""
+def parse_trace(path: Path, wake_up_fds: frozenset[int]) -> tuple[list[Call], bool]:
+    """The traced calls of the request, and whether the daemon was killed; writes to the
+    loop's wake-up pipe (`wake_up_fds`) are marked."""
     calls: list[Call] = []
     seen: dict[str, int] = {}
     killed = False
@@ -164,6 +172,8 @@ def parse_trace(path: Path) -> tuple[list[Call], bool]:
                 match["name"],
                 seen[match["name"]],
                 f"{match['name']}({match['rest']}",
+                wake_up=match["name"] == "write"
+                and int(match["rest"].split(",", 1)[0]) in wake_up_fds,
             )
         )
     if len(tids) > 1:
@@ -204,21 +214,56 @@ def threads_of(pid: int) -> set[int]:
     return {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
-# The event loop's thread and the one standing by to take the loop over.
-SETTLED_THREADS = 2
+# The event loop's thread and the workers (server.MAX_WORKERS at most).
+MOST_THREADS = 1 + MAX_WORKERS
 
 
 def wait_settled(pid: int, timeout: float = ATTACH_TIMEOUT_S) -> None:
-    """Wait until threads that gave the loop up while answering a request have ended."""
+    """Wait until every thread of the daemon sleeps (no request is being served)."""
     deadline = time.monotonic() + timeout
-    while len(threads_of(pid)) > SETTLED_THREADS:
+    while not all(_sleeps(pid, tid) for tid in threads_of(pid)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"daemon {pid} keeps threads busy: {sorted(threads_of(pid))}")
+        time.sleep(0.005)
+    threads = threads_of(pid)
+    assert len(threads) <= MOST_THREADS, f"daemon {pid} has {len(threads)} threads"
+
+
+def wait_idle_threads(pid: int, timeout: float = ATTACH_TIMEOUT_S) -> None:
+    """Wait until the loop's is the daemon's only thread: the workers have ended, as they
+    do after workers.WORKER_IDLE_S without work."""
+    deadline = time.monotonic() + timeout
+    while len(threads_of(pid)) > 1:
         if time.monotonic() > deadline:
             raise AssertionError(f"daemon {pid} keeps threads {sorted(threads_of(pid))}")
-        time.sleep(0.005)
+        time.sleep(0.05)
 
 
-def _tracer_of(pid: int, tid: int) -> int:
-    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+def _sleeps(pid: int, tid: int) -> bool:
+    try:
+        stat_line = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except FileNotFoundError:
+        return True  # ended
+    return stat_line.rsplit(")", 1)[1].split()[0] == "S"
+
+
+def wake_up_fds(pid: int) -> frozenset[int]:
+    """The daemon's pipes: the loop's wake-up pipe (its log is a file)."""
+    fds = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
+                fds.add(int(fd))
+    return frozenset(fds)
+
+
+def _tracer_of(pid: int, tid: int) -> int | None:
+    """The PID of the thread's tracer, 0 if none; None if the thread has ended."""
+    try:
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    except FileNotFoundError:
+        return None
+    for line in status.splitlines():
         if line.startswith("TracerPid:"):
             return int(line.split()[1])
     return 0
@@ -230,7 +275,7 @@ class Strace:
     def __init__(self, daemon_pid: int, injections: list[str], output: Path) -> None:
         wait_settled(daemon_pid)
         self.daemon_pid = daemon_pid
-        self.before = threads_of(daemon_pid)
+        self.wake_up_fds = wake_up_fds(daemon_pid)
         self.output = output
         command = ["strace", "-f", "-q", "-p", str(daemon_pid), "-o", str(output)]
         command += ["-e", "trace=" + ",".join(TRACED)]
@@ -242,7 +287,10 @@ class Strace:
             command, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr
         )
         deadline = time.monotonic() + ATTACH_TIMEOUT_S
-        while not all(_tracer_of(daemon_pid, tid) == self.process.pid for tid in self.before):
+        while not all(
+            _tracer_of(daemon_pid, tid) in (self.process.pid, None)
+            for tid in threads_of(daemon_pid)
+        ):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise AssertionError(
@@ -262,7 +310,7 @@ class Strace:
         self._stderr.close()
 
     def calls(self) -> tuple[list[Call], bool]:
-        return parse_trace(self.output)
+        return parse_trace(self.output, self.wake_up_fds)
 
 
 # --- scenarios ------------------------------------------------------------------------------
@@ -422,7 +470,8 @@ def canonical_order(calls: list[Call]) -> tuple[Call, ...]:
         if call is not None:
             ordered.append(call)
     return tuple(
-        Call(position, c.name, c.occurrence, c.text) for position, c in enumerate(ordered, 1)
+        Call(position, c.name, c.occurrence, c.text, c.wake_up)
+        for position, c in enumerate(ordered, 1)
     )
 
 

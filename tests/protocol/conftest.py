@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,6 +329,35 @@ def flock_held(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+# The syscalls in which a thread waits for a volume's lock: flock(2), or the sleep
+# between the tries of a bounded wait (time.sleep: clock_nanosleep, select on Python
+# before 3.11), by their numbers on the machines the tests run on (/proc/TID/syscall).
+_LOCK_WAIT_SYSCALLS = {
+    "x86_64": {"73", "35", "230", "23", "270"},  # flock nanosleep clock_nanosleep select pselect6
+    "aarch64": {"32", "101", "115", "72"},  # flock nanosleep clock_nanosleep pselect6
+}
+
+
+def threads_waiting_for_a_lock(pid: int) -> int:
+    """How many threads of the daemon wait for a volume's lock right now (nothing else in
+    it sleeps or calls flock: the loop waits in epoll_wait, idle workers on a futex)."""
+    numbers = _LOCK_WAIT_SYSCALLS[os.uname().machine]
+    waiting = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[0] in numbers:
+                waiting += 1
+    return waiting
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.01)
 
 
 # --- the daemon ------------------------------------------------------------------------

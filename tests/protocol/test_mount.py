@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import threading
 import time
@@ -17,9 +18,12 @@ from .conftest import (
     VolumePaths,
     Workspace,
     flock_held,
+    http_request,
     is_volatile_mount,
     mounts_at,
     snapshot,
+    threads_waiting_for_a_lock,
+    wait_until,
 )
 
 
@@ -386,3 +390,55 @@ def test_base_with_special_characters_mounts_that_very_directory(
     mountpoint = Path(client.mount("v", "c1"))
     assert (mountpoint / "which.txt").read_text() == "the right base\n"
     assert len(mounts_at(ws.volume("v").mountpoint)) == 1
+
+
+@pytest.mark.parametrize("volatile", [False, True], ids=["regular", "volatile"])
+def test_a_mount_whose_client_has_gone_is_undone(
+    ws: Workspace, daemon: Daemon, client: PluginClient, volatile: bool
+) -> None:
+    """Issue 13, item 1: the client gives up while its Mount waits for the volume's lock
+    (Podman after 5 s; moby then never sends an Unmount). Once the lock is free, the
+    Mount runs, its reply cannot be delivered, and it is undone, as its Unmount would:
+    its record goes, and the user that stays keeps the overlay."""
+    client.create("v", ws.base, **({"volatile": "true"} if volatile else {}))
+    volume = ws.volume("v")
+    client.mount("v", "kept")
+    (volume.mountpoint / "left.txt").write_text("by the user that stays\n")
+    with flock_held(volume.activemounts):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(ws.socket))
+        sock.sendall(http_request("/VolumeDriver.Mount", b'{"Name": "v", "ID": "gaveup"}'))
+        wait_until(
+            lambda: threads_waiting_for_a_lock(daemon.pid) > 0, "the Mount waits for the lock"
+        )
+        sock.close()
+    wait_until(lambda: "unmounted volume v for gaveup" in daemon.log(), "the Mount is undone")
+    # The user that stays keeps its mount, the one that gave up has no record.
+    assert volume.records() == {"kept": {"UsageCount": 1}}
+    assert_mounted(ws, volume, volatile=volatile)
+    assert daemon.log().count("did not reach its client") == 1
+    client.unmount("v", "kept")
+    assert volume.records() == {} and mounts_at(volume.mountpoint) == []
+
+
+def test_a_mount_whose_client_has_gone_is_undone_alone(
+    ws: Workspace, daemon: Daemon, client: PluginClient
+) -> None:
+    """The same for the volume's first user: the undo unmounts the overlay it made."""
+    client.create("v", ws.base)
+    volume = ws.volume("v")
+    with flock_held(volume.activemounts):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(ws.socket))
+        sock.sendall(http_request("/VolumeDriver.Mount", b'{"Name": "v", "ID": "gaveup"}'))
+        wait_until(
+            lambda: threads_waiting_for_a_lock(daemon.pid) > 0, "the Mount waits for the lock"
+        )
+        sock.close()
+    wait_until(lambda: "unmounted volume v for gaveup" in daemon.log(), "the Mount is undone")
+    assert volume.records() == {} and mounts_at(volume.mountpoint) == []
+    # A Mount whose reply was delivered stays, however soon its client closes.
+    assert client.mount("v", "stays") == f"{volume.mountpoint}/"
+    assert volume.records() == {"stays": {"UsageCount": 1}}
+    assert_mounted(ws, volume)
+    assert daemon.log().count("did not reach its client") == 1

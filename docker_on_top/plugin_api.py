@@ -1,0 +1,203 @@
+"""Docker's volume plugin protocol: routes `/VolumeDriver.X` to the driver's `x`, JSON in
+and out. Every failure is HTTP 500 with `{"Err": ...}` (Podman looks only at the status
+code), logged here, once.
+
+It knows which requests may block (the server answers those off its event loop) and how
+to undo a Mount whose reply never reached its client; it touches no socket (server.py)
+and frames no HTTP (wire.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from .errors import InternalError, PluginError, UserError
+from .wire import Request, Response
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = b"application/vnd.docker.plugins.v1.1+json"
+MOUNT = "/VolumeDriver.Mount"
+# Requests that may wait on a volume's lock or on the kernel; the others only read.
+_MAY_BLOCK = frozenset(
+    {
+        "/VolumeDriver.Create",
+        "/VolumeDriver.Remove",
+        MOUNT,
+        "/VolumeDriver.Unmount",
+        "/VolumeDriver.List",
+    }
+)
+# Requests that dockerd may send with an empty body.
+_EMPTY_BODY_OK = frozenset({"/Plugin.Activate", "/VolumeDriver.Capabilities", "/VolumeDriver.List"})
+
+
+class Mountable(Protocol):
+    """The volume information the protocol encodes."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def mountpoint(self) -> str: ...
+    @property
+    def created_at(self) -> str: ...
+    @property
+    def status(self) -> Mapping[str, object]: ...
+
+
+class VolumeDriver(Protocol):
+    """What the protocol needs of a driver (see driver.Driver)."""
+
+    def capabilities(self) -> str: ...
+    def create(self, name: str, options: Mapping[str, str]) -> None: ...
+    def get(self, name: str) -> Mountable: ...
+    def remove(self, name: str) -> None: ...
+    def path(self, name: str) -> str: ...
+    def mount(self, name: str, mount_id: str) -> str: ...
+    def unmount(self, name: str, mount_id: str) -> None: ...
+    def list_volumes(self) -> Sequence[Mountable]: ...
+
+
+Handler = Callable[[Mapping[str, object]], dict[str, object]]
+
+
+class PluginAPI:
+    """The protocol's endpoints over one driver; safe to call from any thread."""
+
+    def __init__(self, driver: VolumeDriver) -> None:
+        self._driver = driver
+        self._routes = _routes(driver)
+
+    @staticmethod
+    def may_block(request: Request) -> bool:
+        return request.path in _MAY_BLOCK
+
+    def answer(self, request: Request) -> Response:
+        path = request.path
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s %s", path, request.body[:2048].decode("utf-8", "replace"))
+        try:
+            route = self._routes.get(path)
+            if route is None:
+                raise UserError(f"unknown endpoint {path}")
+            if request.method != "POST":
+                raise UserError(f"{path} takes POST, not {request.method}")
+            return _json(200, route(_decode(path, request.body)))
+        except UserError as error:
+            log.info("%s refused: %s", path, error)
+            return _json(500, {"Err": str(error)})
+        except PluginError as error:
+            log.error("%s failed: %s", path, error)
+            return _json(500, {"Err": str(error)})
+        except Exception as error:
+            log.exception("%s failed unexpectedly", path)
+            return _json(500, {"Err": str(InternalError("unexpected failure", error))})
+
+    @staticmethod
+    def refuse(reason: str) -> Response:
+        """The reply to bytes that are not a request (wire.BadRequest)."""
+        log.info("bad request on the socket: %s", reason)
+        return _json(500, {"Err": f"bad request: {reason}"})
+
+    def undelivered(self, request: Request, response: Response) -> None:
+        """The reply to `request` did not reach its client. A Mount that succeeded is
+        undone, as its Unmount would: moby sends none for a Mount that never answered,
+        and a record means a user. Other requests leave nothing to undo: their client
+        asks again, or finds out."""
+        if request.path != MOUNT or response.status != 200:
+            return
+        body = _decode(MOUNT, request.body)  # it decoded once already
+        name, mount_id = _string_field(body, "Name"), _string_field(body, "ID")
+        log.warning(
+            "the reply to the Mount of volume %s for %s did not reach its client; undoing it",
+            name,
+            mount_id,
+        )
+        try:
+            self._driver.unmount(name, mount_id)
+        except PluginError as error:
+            log.error("volume %s: cannot undo the Mount for %s: %s", name, mount_id, error)
+
+
+def _json(status: int, document: Mapping[str, object]) -> Response:
+    return Response(status, json.dumps(document).encode(), CONTENT_TYPE)
+
+
+def _decode(path: str, body: bytes) -> Mapping[str, object]:
+    if not body.strip():
+        if path in _EMPTY_BODY_OK:
+            return {}
+        raise UserError(f"invalid request: {path} needs a JSON body")
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"invalid request: the body is not JSON ({error})") from None
+    except RecursionError:
+        raise UserError("invalid request: the JSON body is nested too deeply") from None
+    if document is None and path in _EMPTY_BODY_OK:
+        return {}
+    if not isinstance(document, dict):
+        raise UserError("invalid request: the body must be a JSON object")
+    return document
+
+
+def _string_field(body: Mapping[str, object], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str):
+        raise UserError(f"invalid request: {key} must be a string")
+    return value
+
+
+def _options_field(body: Mapping[str, object]) -> dict[str, str]:
+    options = body.get("Opts")
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(v, str) for v in options.values()):
+        raise UserError("invalid request: Opts must be an object of string values")
+    return options
+
+
+def _volume_json(volume: Mountable) -> dict[str, object]:
+    document: dict[str, object] = {"Name": volume.name}
+    if volume.mountpoint:
+        document["Mountpoint"] = volume.mountpoint
+    if volume.created_at:
+        document["CreatedAt"] = volume.created_at
+    if volume.status:
+        document["Status"] = volume.status
+    return document
+
+
+def _routes(driver: VolumeDriver) -> dict[str, Handler]:
+    def create(body: Mapping[str, object]) -> dict[str, object]:
+        driver.create(_string_field(body, "Name"), _options_field(body))
+        return {}
+
+    def remove(body: Mapping[str, object]) -> dict[str, object]:
+        driver.remove(_string_field(body, "Name"))
+        return {}
+
+    def unmount(body: Mapping[str, object]) -> dict[str, object]:
+        driver.unmount(_string_field(body, "Name"), _string_field(body, "ID"))
+        return {}
+
+    return {
+        "/Plugin.Activate": lambda _: {"Implements": ["VolumeDriver"]},
+        "/VolumeDriver.Capabilities": lambda _: {"Capabilities": {"Scope": driver.capabilities()}},
+        "/VolumeDriver.Create": create,
+        "/VolumeDriver.List": lambda _: {
+            "Volumes": [_volume_json(v) for v in driver.list_volumes()]
+        },
+        "/VolumeDriver.Get": lambda body: {
+            "Volume": _volume_json(driver.get(_string_field(body, "Name")))
+        },
+        "/VolumeDriver.Remove": remove,
+        "/VolumeDriver.Path": lambda body: {"Mountpoint": driver.path(_string_field(body, "Name"))},
+        MOUNT: lambda body: {
+            "Mountpoint": driver.mount(_string_field(body, "Name"), _string_field(body, "ID"))
+        },
+        "/VolumeDriver.Unmount": unmount,
+    }
