@@ -1,7 +1,8 @@
-"""The command line: the daemon (`serve`, the default), commands to see and manage
-a volume's changes, and `install-systemd`. The volume commands work on the state root
-directly, with or without a running daemon, through the same modules as the daemon, and take the
-volume's lock to change it.
+"""The command line: its arguments, and each command's run: `serve` (the default; the
+daemon itself is daemon.py), the commands that see and manage volumes' changes,
+snapshots and size limits, and `install-systemd`. The volume commands work on the state
+root directly, with or without a running daemon, through the same modules as the daemon,
+and take the volume's lock to change it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -21,15 +21,10 @@ from pathlib import Path
 from . import __version__, docker_api, systemd
 from .commands import Progress, VolumeCommands, VolumeDetails
 from .config import ENVIRONMENT, LOG_LEVELS, Settings, SettingsError
+from .daemon import serve, setup_logging
 from .doctor import doctor
-from .driver import Driver
 from .errors import PluginError, UserError
-from .listener import Listener, StartupError
 from .output import human_size, json_path, print_columns, quote, write
-from .plugin_api import PluginAPI
-from .recovery import recover
-from .releases import PendingReleases
-from .server import PluginServer
 from .snapshots import VolumeSnapshots
 from .store import VolumeStore, parse_reference
 
@@ -163,119 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the units and what would be done; change nothing",
     )
     return parser
-
-
-_JOURNAL_PRIORITIES = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-
-
-class _JournalFormatter(logging.Formatter):
-    """journald adds its own timestamps and reads the level from a `<N>` prefix."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = _JOURNAL_PRIORITIES.get(record.levelname, 6)
-        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
-
-
-def _stderr_is_journal() -> bool:
-    # systemd sets JOURNAL_STREAM to the device:inode of the stream it connects to.
-    expected = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        found = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return False
-    return expected == f"{found.st_dev}:{found.st_ino}"
-
-
-def setup_logging(level: str, *, timestamps: bool = True) -> None:
-    """Log to stderr; `timestamps` off where the reader adds its own (dockerd's log of a
-    managed plugin). Under journald, its levels and timestamps."""
-    handler = logging.StreamHandler(sys.stderr)
-    if _stderr_is_journal():
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        when = "%(asctime)s " if timestamps else ""
-        handler.setFormatter(logging.Formatter(f"{when}%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-
-
-_SD_LISTEN_FDS_START = 3
-
-
-def _inherited_socket() -> socket.socket | None:
-    """The listening socket systemd passed (LISTEN_FDS/LISTEN_PID), if any."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
-    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(variable, None)  # not for our children
-    if count < 1:
-        return None
-    if count > 1:
-        log.warning("systemd passed %d sockets; serving on the first only", count)
-    return socket.socket(fileno=_SD_LISTEN_FDS_START)
-
-
-def serve(settings: Settings) -> int:
-    # A managed plugin (host root set) logs into dockerd's log, which stamps each line.
-    setup_logging(settings.log_level, timestamps=settings.host_root is None)
-    store = VolumeStore(settings.root, settings.host_root)
-    releases = PendingReleases()
-    try:
-        # Bind first: a second instance must be refused before its recovery touches
-        # the state of the first. Requests wait in the listen queue meanwhile.
-        inherited = _inherited_socket()
-        if inherited is None:
-            listener = Listener.bind(settings.socket)
-        else:
-            listener = Listener.adopt(inherited)
-            log.info("serving on the socket passed by systemd")
-    except (StartupError, OSError) as error:
-        log.error("cannot start: %s", error)
-        return 1
-    try:
-        recover(store, releases)
-    except (PluginError, OSError) as error:
-        log.error("cannot start: %s", error)
-        listener.close()
-        return 1
-    server = PluginServer(PluginAPI(Driver(store, releases)), listener)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.request_stop())
-    # In the background: dockerd may itself be waiting for this plugin to answer.
-    threading.Thread(target=_start_up_checks, args=(store, releases, settings), daemon=True).start()
-    log.info(
-        "serving driver %s on %s (state root %s)", settings.name, settings.socket, settings.root
-    )
-    server.serve()
-    log.info("stopped; volumes in use stay mounted")
-    return 0
-
-
-def _start_up_checks(store: VolumeStore, releases: PendingReleases, settings: Settings) -> None:
-    try:
-        _report_stuck_volumes(store, releases, settings.name)
-    except Exception:
-        # The registration below matters more than the report (Swarm needs it).
-        log.exception("the start-up check of the volumes failed")
-    # Only a socket where dockerd discovers legacy plugins can be registered; a managed
-    # plugin (host root set) is registered by dockerd itself when it is enabled.
-    if settings.host_root is None and settings.socket.parent == docker_api.PLUGIN_DIR:
-        docker_api.register_driver(settings.name)
-
-
-def _report_stuck_volumes(store: VolumeStore, releases: PendingReleases, driver_name: str) -> None:
-    try:
-        findings = doctor(store, releases, None, docker_api.volume_users(driver_name), fix=False)
-    except PluginError as error:
-        log.warning("start-up check of the volumes failed: %s", error)
-        return
-    for finding in findings:
-        log.warning(
-            "volume %s: %s (see `docker-on-top doctor --fix`)", finding.volume, finding.problem
-        )
-
-
-# --- volume commands ------------------------------------------------------------------
 
 
 def _warn(volume: str, path: str, reason: str) -> None:
