@@ -524,6 +524,18 @@ class Workspace:
         daemon.wait_ready(socket or self.socket)
         return daemon
 
+    def command(self, *arguments: str) -> subprocess.CompletedProcess[str]:
+        """The plugin's command line on this workspace's state root."""
+        return subprocess.run(
+            [sys.executable, "-m", "docker_on_top", *arguments, "--root", str(self.root)],
+            cwd=REPO,
+            env=clean_environment(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
     def client(self, socket_path: Path | None = None) -> PluginClient:
         return PluginClient(socket_path or self.socket)
 

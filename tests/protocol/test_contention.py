@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from .conftest import REPO, Daemon, PluginClient, Workspace, flock_held, mounts_at
+from .conftest import Daemon, PluginClient, Workspace, flock_held, mounts_at
 
 
 def in_background(call: object) -> tuple[threading.Thread, list[object]]:
@@ -27,17 +26,6 @@ def in_background(call: object) -> tuple[threading.Thread, list[object]]:
     thread = threading.Thread(target=run)
     thread.start()
     return thread, results
-
-
-def command(ws: Workspace, *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "docker_on_top", *arguments, "--root", str(ws.root)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_a_mount_that_cannot_take_the_lock_in_time_is_refused_and_leaves_nothing(
@@ -109,7 +97,7 @@ def test_commit_into_base_refuses_while_a_volume_over_that_base_is_mounted(
     for shared in (base, base / "sub", outer):
         client.create("b", shared)
         client.mount("b", "cb")
-        refused = command(ws, "commit", "a", "--into-base", "--yes")
+        refused = ws.command("commit", "a", "--into-base", "--yes")
         assert refused.returncode == 1, refused
         assert "shared with volume b" in refused.stderr and "in use" in refused.stderr
         assert not (base / "new.txt").exists()
@@ -117,7 +105,7 @@ def test_commit_into_base_refuses_while_a_volume_over_that_base_is_mounted(
         client.remove("b")
     client.create("c", ws.base)
     client.mount("c", "cc")
-    done = command(ws, "commit", "a", "--into-base", "--yes")
+    done = ws.command("commit", "a", "--into-base", "--yes")
     assert done.returncode == 0, done.stderr
     assert (base / "new.txt").read_text() == "from a\n"
     client.unmount("c", "cc")
@@ -155,7 +143,7 @@ def test_a_damaged_unreleased_file_is_named_never_a_traceback(
     volume = ws.volume("v")
     client.mount("v", "c1")
     (volume.folder / "unreleased.json").write_text('{"x": 0}')
-    found = command(ws, "doctor")
+    found = ws.command("doctor")
     assert "Traceback" not in found.stderr, found.stderr
     assert "unreleased.json" in found.stdout, found.stdout
     assert found.returncode == 1

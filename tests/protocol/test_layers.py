@@ -5,22 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from .conftest import REPO, PluginClient, Workspace
-
-
-def command(ws: Workspace, *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "docker_on_top", *arguments, "--root", str(ws.root)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from .conftest import PluginClient, Workspace
 
 
 def content(client: PluginClient, name: str) -> dict[str, str]:
@@ -61,7 +48,7 @@ def test_create_takes_several_bases(ws: Workspace, client: PluginClient) -> None
 def test_snapshot_clone_rollback_destroy_and_removal(ws: Workspace, client: PluginClient) -> None:
     client.create("golden", ws.base)
     change(client, "golden", {"prepared.txt": "once\n"})
-    made = command(ws, "snapshot", "golden@ready")
+    made = ws.command("snapshot", "golden@ready")
     assert made.returncode == 0, made.stderr
     assert made.stdout.strip() == "ready"
 
@@ -71,21 +58,21 @@ def test_snapshot_clone_rollback_destroy_and_removal(ws: Workspace, client: Plug
     assert content(client, "job2")["prepared.txt"] == "once\n"
     assert content(client, "golden")["prepared.txt"] == "once\n"
 
-    listed = command(ws, "snapshots", "--json")
+    listed = ws.command("snapshots", "--json")
     assert listed.returncode == 0, listed.stderr
     (snapshot,) = json.loads(listed.stdout)
     assert (snapshot["Name"], snapshot["Volume"]) == ("ready", "golden")
     assert sorted(snapshot["UsedBy"]) == ["golden", "job", "job2"]
 
     change(client, "golden", {"later.txt": "later\n"})
-    assert command(ws, "snapshot", "golden@later").returncode == 0
+    assert ws.command("snapshot", "golden@later").returncode == 0
     change(client, "golden", {"unsaved.txt": "x\n"})
-    rolled = command(ws, "rollback", "golden@ready")
+    rolled = ws.command("rollback", "golden@ready")
     assert rolled.returncode == 0, rolled.stderr
     base_files = [str(p.relative_to(ws.base)) for p in ws.base.rglob("*") if p.is_file()]
     assert sorted(content(client, "golden")) == sorted([*base_files, "prepared.txt"])
 
-    assert command(ws, "destroy", "golden@ready").returncode == 0
+    assert ws.command("destroy", "golden@ready").returncode == 0
     client.remove("golden")
     assert content(client, "job")["prepared.txt"] == "changed by the job\n"
     layers = ws.root / ".layers"
@@ -99,7 +86,7 @@ def test_a_layered_volume_is_not_in_the_go_format(ws: Workspace, client: PluginC
     client.create("v", ws.base)
     metadata = json.loads((ws.volume("v").metadata).read_text())
     assert metadata["BaseDirPath"] == str(ws.base)
-    assert command(ws, "snapshot", "v@s").returncode == 0
+    assert ws.command("snapshot", "v@s").returncode == 0
     metadata = json.loads((ws.volume("v").metadata).read_text())
     # The Go plugin unmarshals BaseDirPath into a string: a list makes it refuse to mount.
     assert metadata["BaseDirPath"] == [str(ws.base)]
@@ -108,7 +95,7 @@ def test_a_layered_volume_is_not_in_the_go_format(ws: Workspace, client: PluginC
 def test_snapshot_commands_refuse_clearly(ws: Workspace, client: PluginClient) -> None:
     client.create("v", ws.base)
     client.mount("v", "c1")
-    refused = command(ws, "snapshot", "v@s")
+    refused = ws.command("snapshot", "v@s")
     assert refused.returncode == 1 and "in use" in refused.stderr
     client.unmount("v", "c1")
     for arguments, message in [
@@ -117,7 +104,7 @@ def test_snapshot_commands_refuse_clearly(ws: Workspace, client: PluginClient) -
         (("rollback", "v@none"), "no snapshot none"),
         (("destroy", "missing@s"), "no such volume"),
     ]:
-        refused = command(ws, *arguments)
+        refused = ws.command(*arguments)
         assert refused.returncode == 1, (arguments, refused)
         assert message in refused.stderr, (arguments, refused.stderr)
         assert "Traceback" not in refused.stderr

@@ -7,13 +7,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, Daemon, PluginClient, Workspace, mounts_at
+from .conftest import Daemon, PluginClient, Workspace, mounts_at
 
 MIB = 1 << 20
 
@@ -45,17 +43,6 @@ def fill(folder: Path, name: str, size: int) -> int:
 
 def status(client: PluginClient, name: str) -> dict[str, object]:
     return client.ok("/VolumeDriver.Get", {"Name": name})["Volume"]["Status"]  # type: ignore[index,no-any-return]
-
-
-def command(ws: Workspace, *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "docker_on_top", *arguments, "--root", str(ws.root)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_writes_past_the_limit_fail_and_deleting_frees_room(
@@ -135,23 +122,23 @@ def test_resize_grows_an_unused_volume_and_refuses_to_shrink_one_in_use(
     client.create("v", ws.base, size="16M")
     mountpoint = Path(client.mount("v", "c1"))
     fill(mountpoint, "data", 4 * MIB)
-    refused = command(ws, "resize", "v", "12M")
+    refused = ws.command("resize", "v", "12M")
     assert refused.returncode == 1 and "in use" in refused.stderr
     client.unmount("v", "c1")
-    grown = command(ws, "resize", "v", "64M")
+    grown = ws.command("resize", "v", "64M")
     assert grown.returncode == 0, grown.stderr
     mountpoint = Path(client.mount("v", "c1"))
     assert fill(mountpoint, "more", 32 * MIB) == 32 * MIB
     assert (mountpoint / "data").stat().st_size == 4 * MIB
     client.unmount("v", "c1")
-    too_small = command(ws, "resize", "v", "8M")
+    too_small = ws.command("resize", "v", "8M")
     assert too_small.returncode == 1 and "too small" in too_small.stderr
 
 
 def test_a_volatile_volume_resizes_while_mounted(ws: Workspace, client: PluginClient) -> None:
     client.create("v", ws.base, size="16M", volatile="true")
     mountpoint = Path(client.mount("v", "c1"))
-    grown = command(ws, "resize", "v", "48M")
+    grown = ws.command("resize", "v", "48M")
     assert grown.returncode == 0, grown.stderr
     assert fill(mountpoint, "big", 32 * MIB) == 32 * MIB
     client.unmount("v", "c1")
@@ -193,9 +180,9 @@ def test_doctor_finds_and_releases_storage_no_overlay_uses(
 ) -> None:
     client.create("v", ws.base, size="16M")
     folder = leave_storage_mounted(ws)
-    found = command(ws, "doctor")
+    found = ws.command("doctor")
     assert "size-limited storage is mounted but unused" in found.stdout, found
-    fixed = command(ws, "doctor", "--fix")
+    fixed = ws.command("doctor", "--fix")
     assert "[fixed]" in fixed.stdout, fixed
     assert mounts_at(folder / "limit") == [] and not (folder / "limit").exists()
     assert str(folder / "size.img") not in backing_files()
