@@ -139,7 +139,7 @@ def test_the_daemon_starts_on_the_first_request_and_logs_for_journald(dot):
 
     lines = daemon_log_lines(plugin)
     assert "<6>docker_on_top: serving on the socket passed by systemd" in lines, plugin.log()
-    assert "<7>docker_on_top.server: request /VolumeDriver.Capabilities {}" in lines
+    assert "<7>docker_on_top.plugin_api: request /VolumeDriver.Capabilities {}" in lines
     # journald takes the level from `<N>` and adds its own timestamps.
     assert all(re.match(r"<[0-7]>\S", line) for line in lines), plugin.log()
     assert not any(re.search(r"\d\d:\d\d:\d\d", line) for line in lines), plugin.log()

@@ -49,17 +49,38 @@ def workspace(tmp_path: Path) -> Iterator[Path]:
         unmount_all_under(tmp_path)
 
 
+# Interpreters without tarfile's extraction filters (Debian 11's 3.9.2, Debian 12's
+# 3.11.2) extract as fully trusted anyway; newer ones warn unless told.
+TRUSTED: dict[str, str] = (
+    {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+)
+
+
 @pytest.fixture
 def open_workspace() -> Iterator[Path]:
     """A workspace that every user may traverse (pytest's tmp_path is 0700 and would
     hide the state root from other users whatever its own mode)."""
     folder = Path(tempfile.mkdtemp(prefix="dot-hostile-", dir="/var/tmp"))
+    if os.statvfs(folder).f_flag & os.ST_NOSUID or _on_overlayfs(folder):
+        folder.rmdir()
+        # tests/hosts runs these suites in a root that is itself an overlay, and an
+        # overlay's upper cannot be on one; a nosuid /var/tmp would hide the defect.
+        pytest.skip("/var/tmp is nosuid or an overlay here: no setuid file can be shown")
     folder.chmod(0o755)
     try:
         yield folder
     finally:
         unmount_all_under(folder)
         shutil.rmtree(folder)
+
+
+def _on_overlayfs(path: Path) -> bool:
+    device = os.stat(path).st_dev
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == f"{os.major(device)}:{os.minor(device)}":
+            return fields[fields.index("-") + 1] == "overlay"
+    return False
 
 
 def run_as_nobody(*argv: str) -> str | None:
@@ -610,9 +631,12 @@ def locales(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder for LOCPATH with en_US.UTF-8, where Python's stdout is strict UTF-8 (in
     C and C.UTF-8 it escapes surrogates by itself)."""
     folder = tmp_path_factory.mktemp("locales")
-    subprocess.run(
-        ["localedef", "-i", "en_US", "-f", "UTF-8", str(folder / "en_US.UTF-8")], check=True
+    made = subprocess.run(
+        ["localedef", "-i", "en_US", "-f", "UTF-8", str(folder / "en_US.UTF-8")], check=False
     )
+    if made.returncode != 0:
+        # A minimal root (tests/hosts) has no locale sources to build it from.
+        pytest.skip("localedef cannot build en_US.UTF-8 here")
     return folder
 
 
@@ -701,7 +725,7 @@ def test_export_writes_a_sparse_file_as_sparse(root: Path, volume: Path, workspa
         (member,) = tar.getmembers()
         assert (member.name, member.size) == ("sparse", TERABYTE)
         by_tarfile = workspace / "by-tarfile"
-        tar.extract(member, by_tarfile, filter="fully_trusted")
+        tar.extract(member, by_tarfile, **TRUSTED)
     assert_sparse_copy(by_tarfile / "sparse", TERABYTE, SPARSE_DATA)
     by_gnu_tar = workspace / "by-gnu-tar"
     by_gnu_tar.mkdir()
@@ -725,7 +749,7 @@ def test_sparse_entries_give_back_the_same_bytes(
     assert run(root, "export", "v", "-o", str(layer)) == 0
     by_tarfile = workspace / "by-tarfile"
     with tarfile.open(layer) as tar:
-        tar.extractall(by_tarfile, filter="fully_trusted")
+        tar.extractall(by_tarfile, **TRUSTED)
     by_gnu_tar = workspace / "by-gnu-tar"
     by_gnu_tar.mkdir()
     subprocess.run(["tar", "-xSf", str(layer)], cwd=by_gnu_tar, check=True)

@@ -172,7 +172,8 @@ def test_an_image_is_sparse_and_its_root_is_roots_with_mode_0755(
 
 def test_a_fresh_image_uses_almost_nothing(mounted: Path) -> None:
     used, limit = sizelimit.usage(mounted)
-    assert used <= 64 << 10
+    # 24 KiB with Debian 12's e2fsprogs, 152 KiB with Debian 13's (1.47.2).
+    assert used <= 256 << 10
     assert 10 * MIB < limit <= 16 * MIB  # a 4 MiB journal, 1 MiB of inodes
 
 
