@@ -48,7 +48,7 @@ Package: {package}
 Version: {version}
 Architecture: all
 Maintainer: docker-on-top developers <docker-on-top@users.noreply.github.com>
-Depends: python3 (>= 3.9)
+Depends: python3 (>= 3.9), e2fsprogs
 Section: admin
 Priority: optional
 Installed-Size: {installed_kib}

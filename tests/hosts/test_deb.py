@@ -128,7 +128,7 @@ def test_b10_deb_installs_the_command_the_package_and_the_units(root: Chroot, de
         assert root.host_path(f"{UNIT_DIR}/{name}").read_text() == text
     assert f"ExecStart={COMMAND} serve" in expected["docker-on-top.service"].splitlines()
     depends = root.run(["dpkg-query", "-W", "-f=${Depends}", "docker-on-top"])
-    assert depends.stdout == "python3 (>= 3.9)"
+    assert depends.stdout == "python3 (>= 3.9), e2fsprogs"  # e2fsprogs: size limits
     # No systemd here: enabled for the next boot, nothing started.
     assert os.readlink(root.host_path(ENABLED_LINK)) == f"{UNIT_DIR}/docker-on-top.socket"
     assert not root.host_path(SOCKET).exists()
