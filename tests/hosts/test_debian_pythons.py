@@ -42,16 +42,24 @@ def test_b10_the_daemon_runs_from_a_checkout_with_the_distributions_python3(suit
             daemon.close()
 
 
+EXPLAINED_SKIPS = ("localedef cannot build", "/var/tmp is nosuid or an overlay", "CAP_SYS_RESOURCE")
+
+
 @pytest.mark.parametrize("suite", TEST_SUITES)
 def test_b10_unit_and_protocol_suites_pass_under_the_distributions_python3(suite: str) -> None:
     with chroot_of(suite) as root:
         found = root.run(["python3", "-c", "import sys; print(*sys.version_info[:2])"])
         result = root.run(
-            ["python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit",
+            ["python3", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/unit",
              "tests/protocol"],
             cwd=SOURCE, env={"PYTHONDONTWRITEBYTECODE": "1"},
         )  # fmt: skip
     assert tuple(map(int, found.stdout.split())) == SUITES[suite], found
     report = (result.stdout + result.stderr)[-20000:]
     assert result.returncode == 0, report
-    assert " passed" in result.stdout and " skipped" not in result.stdout, report
+    assert " passed" in result.stdout, report
+    # Only what a minimal root cannot offer may be skipped: its own locales, a /var/tmp
+    # that is not an overlay, a capability this machine's sandbox withholds.
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+    unexplained = [line for line in skipped if not any(r in line for r in EXPLAINED_SKIPS)]
+    assert not unexplained, report
