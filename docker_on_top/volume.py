@@ -445,39 +445,3 @@ class Volume:
 
     def discard_changes(self) -> None:
         changes.reset(self.upper)
-
-
-class MetadataCache:
-    """Each volume's parsed metadata.json, read again only when a stat of the file says
-    it changed (another inode, size, or time).
-
-    Get comes before every Mount and Unmount and List reads every volume: one stat costs
-    a fraction of opening, reading and parsing the file. The stat also catches a volume
-    removed and made again by another process (the Go plugin on the same root).
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[tuple[int, ...], Metadata, str]] = {}
-
-    def read(self, volume: Volume) -> tuple[Metadata, str]:
-        """The volume's metadata and when it was made (RFC 3339); raises OSError (as
-        FileNotFoundError when the volume has no metadata.json) or ValueError."""
-        status = os.stat(volume.metadata_file)
-        stamp = (
-            status.st_ino,
-            status.st_dev,
-            status.st_size,
-            status.st_mtime_ns,
-            status.st_ctime_ns,
-        )
-        entry = self._entries.get(volume.name)
-        if entry is None or entry[0] != stamp:
-            metadata = volume.read_metadata()
-            # For Go-made volumes: when metadata.json was written.
-            created_at = metadata.created_at or rfc3339(status.st_mtime)
-            entry = (stamp, metadata, created_at)
-            self._entries[volume.name] = entry
-        return entry[1], entry[2]
-
-    def forget(self, name: str) -> None:
-        self._entries.pop(name, None)
