@@ -28,6 +28,8 @@ sys.path.insert(0, str(BENCH))
 import changes_walk  # noqa: E402
 
 from docker_on_top.driver import Driver  # noqa: E402
+from docker_on_top.recovery import recover  # noqa: E402
+from docker_on_top.store import VolumeStore  # noqa: E402
 
 LIMIT_MB = 64
 COMMANDS = {
@@ -56,8 +58,8 @@ def run(files: int) -> dict[str, float | int]:
     try:
         root, base = scratch / "root", scratch / "base"
         base.mkdir()
-        driver = Driver(root)
-        driver.recover()
+        driver = Driver(VolumeStore(root))
+        recover(driver.store, driver.releases)
         driver.create("v", {"base": str(base)})
         changes_walk.populate(root / "v" / "upper", base, files)
         found: dict[str, float | int] = {"files": files, "limit_mb": LIMIT_MB}
