@@ -326,9 +326,11 @@ def unused(
         if not overlay.free_mountpoint(volume):
             raise UserError(f"volume {volume.name}: {overlay.HELD_ON_HOST}; close them first")
         try:
-            store.layers.settle_snapshot(volume, metadata.layers)
+            metadata = store.layers.settle(volume, metadata)
         except (OSError, ValueError) as error:
-            raise InternalError("failed to settle a snapshot cut short", error) from error
+            raise InternalError(
+                "failed to settle a snapshot or rollback cut short", error
+            ) from error
         yield metadata
 
 

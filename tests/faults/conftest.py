@@ -44,6 +44,7 @@ from .harness import (
     Strace,
     clean_trace,
 )
+from .layered import crash_point_params
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,11 @@ def _error_points() -> list[object]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    for fixture, generate in (("crash_point", _crash_points), ("error_point", _error_points)):
+    for fixture, generate in (
+        ("crash_point", _crash_points),
+        ("error_point", _error_points),
+        ("layer_crash_point", crash_point_params),
+    ):
         if fixture not in metafunc.fixturenames:
             continue
         problem = _unavailable()

@@ -13,6 +13,7 @@ from docker_on_top.driver import Driver
 from docker_on_top.errors import UserError
 from docker_on_top.layers import MAX_LOWER_LAYERS, LayerInfo
 from docker_on_top.snapshots import VolumeSnapshots
+from docker_on_top.volume import ROLLBACK, SNAPSHOT
 
 from ..mounts import mounts_under
 from .conftest import commands_of, new_driver, recover_driver
@@ -368,7 +369,7 @@ def test_a_snapshot_cut_short_before_its_metadata_is_undone(
     write(driver, "v", {"x": "mine"})
     volume = driver.store.volume("v")
     layer = driver.store.layers.new_id()
-    volume.begin_snapshot(layer)
+    volume.begin(SNAPSHOT, layer)
     with driver.store.layers.lock(None):
         driver.store.layers.freeze(layer, volume.upper, LayerInfo(layer, "v", "s", "t"))
     assert not volume.upper.exists()
@@ -376,7 +377,7 @@ def test_a_snapshot_cut_short_before_its_metadata_is_undone(
     recover_driver(restarted)
     assert view(restarted, "v")["x"] == "mine"
     assert layer_ids(restarted) == []
-    assert not volume.snapshot_intent.exists()
+    assert not volume.intent(SNAPSHOT).exists()
 
 
 def test_a_snapshot_cut_short_after_its_metadata_is_finished_at_the_next_mount(
@@ -387,10 +388,31 @@ def test_a_snapshot_cut_short_after_its_metadata_is_finished_at_the_next_mount(
     snapshots_of(driver).snapshot("v", "s")
     volume = driver.store.volume("v")
     (layer,) = layer_ids(driver)
-    volume.begin_snapshot(layer)  # as if the crash came before the new upper was made
+    volume.begin(SNAPSHOT, layer)  # as if the crash came before the new upper was made
     volume.upper.rmdir()
     assert view(driver, "v")["x"] == "mine"
-    assert volume.upper.is_dir() and not volume.snapshot_intent.exists()
+    assert volume.upper.is_dir() and not volume.intent(SNAPSHOT).exists()
+
+
+def test_a_rollback_cut_short_is_finished_by_the_next_start(
+    driver: Driver, base: Path, root: Path
+) -> None:
+    driver.create("v", {"base": str(base)})
+    write(driver, "v", {"x": "1"})
+    snapshots_of(driver).snapshot("v", "one")
+    write(driver, "v", {"x": "2"})
+    snapshots_of(driver).snapshot("v", "two")
+    write(driver, "v", {"x": "3", "y": "3"})
+    volume = driver.store.volume("v")
+    (one, _) = driver.store.metadata(volume).layers
+    volume.begin(ROLLBACK, one)  # as if the crash came once one change was thrown away
+    (volume.upper / "y").unlink()
+    restarted = new_driver(root)
+    recover_driver(restarted)
+    assert view(restarted, "v") == {"a": "123", "b": "456", "x": "1"}
+    assert [s.name for s in snapshots_of(restarted).list("v")] == ["one"]
+    assert layer_ids(restarted) == [one]
+    assert not volume.intent(ROLLBACK).exists()
 
 
 def test_start_up_removes_orphaned_layers(driver: Driver, base: Path, root: Path) -> None:
