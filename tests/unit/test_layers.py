@@ -3,8 +3,11 @@ real overlays through the driver and the command line's operations."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -357,6 +360,98 @@ def test_export_of_a_snapshot_is_the_layer_it_froze(driver: Driver, base: Path) 
     out.seek(0)
     with tarfile.open(fileobj=out) as layer:
         assert layer.getnames() == ["y"]
+
+
+def apply_layer(layer: bytes, target: Path) -> None:
+    """Apply an OCI layer onto `target` as an image's unpacker does: `.wh.NAME` deletes
+    NAME below, `DIR/.wh..wh..opq` (right after DIR's entry) empties DIR of what lay
+    below, everything else is written over what was there."""
+
+    def remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+        for member in tar.getmembers():
+            path = target / member.name
+            if path.name == ".wh..wh..opq":
+                for child in list(path.parent.iterdir()):
+                    remove(child)
+            elif path.name.startswith(".wh."):
+                remove(path.with_name(path.name[4:]))
+            elif member.isdir():
+                if not path.is_dir():
+                    remove(path)
+                    path.mkdir()
+            else:
+                assert member.isfile(), member
+                remove(path)
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                path.write_bytes(extracted.read())
+
+
+def files_in(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): path.read_text()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def exported(driver: Driver, reference: str, since: str | None) -> bytes:
+    out = io.BytesIO()
+    commands_of(driver).export(reference, out, since=since)
+    return out.getvalue()
+
+
+def test_export_since_an_older_snapshot_is_one_layer_of_all_changed_since(
+    driver: Driver, base: Path, workspace: Path
+) -> None:
+    driver.create("v", {"base": str(base)})
+    write(driver, "v", {"kept": "1", "gone-later": "1", "dir/old": "1", "dir/sub/deep": "1"})
+    snapshots_of(driver).snapshot("v", "one")
+    write(driver, "v", {"kept": "2", "gone-later": None, "a": None, "new": "2"})
+    mountpoint = Path(driver.mount("v", ID))
+    shutil.rmtree(mountpoint / "dir")  # made again: an opaque directory in layer two
+    (mountpoint / "dir").mkdir()
+    (mountpoint / "dir" / "fresh").write_text("2")
+    driver.unmount("v", ID)
+    snapshots_of(driver).snapshot("v", "two")
+    write(driver, "v", {"new": "3", "b": "changed", "made-then-gone": "3", "dir/more": "3"})
+    write(driver, "v", {"made-then-gone": None})
+    for name in ("one", "two"):
+        driver.create(f"at-{name}", {"from": f"v@{name}"})
+        commands_of(driver).commit_into(f"at-{name}", workspace / name)
+
+    since_one = exported(driver, "v", "one")
+    apply_layer(since_one, workspace / "one")
+    assert files_in(workspace / "one") == view(driver, "v")
+    with tarfile.open(fileobj=io.BytesIO(since_one)) as tar:
+        names = tar.getnames()
+    assert {".wh.a", ".wh.gone-later", "dir/.wh..wh..opq", "dir/fresh", "dir/more"} <= set(names)
+    assert "dir/old" not in names and "dir/sub/deep" not in names
+
+    one_to_two = exported(driver, "v@two", "one")
+    commands_of(driver).commit_into("at-one", workspace / "one-again")
+    apply_layer(one_to_two, workspace / "one-again")
+    assert files_in(workspace / "one-again") == files_in(workspace / "two")
+    # Since the last snapshot it is the export without --since.
+    assert exported(driver, "v", "two") == exported(driver, "v", None)
+
+
+def test_export_since_refuses_a_missing_or_later_snapshot(driver: Driver, base: Path) -> None:
+    driver.create("v", {"base": str(base)})
+    snapshots_of(driver).snapshot("v", "one")
+    snapshots_of(driver).snapshot("v", "two")
+    with pytest.raises(UserError, match="no snapshot three"):
+        exported(driver, "v", "three")
+    with pytest.raises(UserError, match="not older"):
+        exported(driver, "v@one", "two")
+    with pytest.raises(UserError, match="not older"):
+        exported(driver, "v@one", "one")
 
 
 # --- crashes ------------------------------------------------------------------------------
