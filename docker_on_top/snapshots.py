@@ -228,13 +228,23 @@ class VolumeSnapshots:
             self._collect(None)
 
     def _collect(self, candidates: Iterable[str] | None) -> None:
+        """Remove the layers (of `candidates`, or all) that no volume uses. While one
+        volume's metadata or snapshot intent cannot be read, which layers it uses cannot
+        be told: then none is removed (the next collection tries again)."""
         in_use: set[str] = set()
         for volume in self.store.volumes():
             try:
                 in_use.update(self.store.metadata(volume).layers)
                 pending = volume.in_progress(SNAPSHOT)
-            except (UserError, InternalError, ValueError):
-                continue
+            except UserError:
+                continue  # no metadata.json: it mounts nothing
+            except (InternalError, ValueError) as error:
+                log.warning(
+                    "volume %s: cannot tell which layers it uses, so none is removed: %s",
+                    volume.name,
+                    error,
+                )
+                return
             if pending is not None:
                 in_use.add(pending)
         self.layers.collect(in_use, candidates)

@@ -521,6 +521,23 @@ def test_start_up_removes_orphaned_layers(driver: Driver, base: Path, root: Path
     ]
 
 
+def test_no_layer_is_collected_while_a_volume_s_metadata_cannot_be_read(
+    driver: Driver, base: Path, root: Path
+) -> None:
+    driver.create("v", {"base": str(base)})
+    write(driver, "v", {"x": "1"})
+    driver.create("c", {"from": "v"})
+    (layer,) = driver.store.metadata(driver.store.volume("c")).layers
+    metadata = folder(driver, "c") / "metadata.json"
+    listed = metadata.read_bytes()
+    metadata.write_bytes(listed[:20])  # damaged: which layers c uses cannot be told
+    driver.remove("v")
+    recover_driver(new_driver(root))
+    assert layer in layer_ids(driver)
+    metadata.write_bytes(listed)
+    assert view(driver, "c")["x"] == "1"
+
+
 def test_the_mount_stacks_layers_over_the_bases(driver: Driver, bases: list[Path]) -> None:
     driver.create("v", {"base": str(bases[0]), "base.1": str(bases[1])})
     snapshots_of(driver).snapshot("v", "s")
