@@ -38,6 +38,7 @@ import pytest
 
 from ..protocol.conftest import REPO, PluginClient, Workspace, clean_environment, mounts_under
 from ..protocol.conftest import snapshot as tree_snapshot
+from ..trees import change_volume
 from .harness import (
     CREATE,
     FULL,
@@ -89,17 +90,7 @@ def state_of(client: PluginClient) -> State:
 
 def change(client: PluginClient, name: str, files: Mapping[str, str | None]) -> None:
     """Change the volume as a container does: write files, delete those given None."""
-    mountpoint = Path(client.mount(name, WRITER))
-    try:
-        for relative, text in files.items():
-            path = mountpoint / relative
-            if text is None:
-                path.unlink()
-            else:
-                path.parent.mkdir(exist_ok=True)
-                path.write_text(text)
-    finally:
-        client.unmount(name, WRITER)
+    change_volume(client, name, WRITER, files)
 
 
 def command_ok(ws: Workspace, *arguments: str) -> None:
@@ -204,54 +195,50 @@ class LayerCase:
     in_default: bool = True
 
 
-def _request(
-    name: str, endpoint: str, volume: str, prepare: Callable[..., Views], **opts: str
-) -> Scenario:
-    return Scenario(name, endpoint, volume=volume, options=opts or None, prepare=prepare)
-
-
 def _unchanged(before: State, _: Views) -> State:
     return before
+
+
+def _clone(name: str, origin: str, after: Callable[[State, Views], State]) -> LayerCase:
+    """Create c with `-o from=origin`, on origin_with_snapshot's o."""
+    return LayerCase(
+        name,
+        origin_with_snapshot,
+        after=after,
+        done=lambda ws: exists(ws, "c"),
+        request=Scenario(
+            name, CREATE, volume="c", options={"from": origin}, prepare=origin_with_snapshot
+        ),
+        # From a volume: a snapshot's steps in the daemon, then a clone's.
+        in_default="@" in origin,
+    )
+
+
+def _removal(name: str, prepare: Callable[[Workspace, PluginClient], Views]) -> LayerCase:
+    """Remove o, prepared by `prepare`."""
+    return LayerCase(
+        name,
+        prepare,
+        after=lambda before, _: {n: tree for n, tree in before.items() if n != "o"},
+        done=lambda ws: not exists(ws, "o"),
+        request=Scenario(name, REMOVE, volume="o", prepare=prepare),
+        retry_always=True,
+    )
 
 
 CASES: dict[str, LayerCase] = {
     case.name: case
     for case in (
-        LayerCase(
+        _clone(
             "clone-create-from-snapshot",
-            origin_with_snapshot,
+            "o@s",
             after=lambda before, views: {**before, "c": views["o@s"]},
-            done=lambda ws: exists(ws, "c"),
-            request=_request(
-                "clone-create-from-snapshot", CREATE, "c", origin_with_snapshot, **{"from": "o@s"}
-            ),
         ),
-        LayerCase(
-            "clone-create-from-volume",
-            origin_with_snapshot,
-            after=lambda before, _: {**before, "c": before["o"]},
-            done=lambda ws: exists(ws, "c"),
-            request=_request(
-                "clone-create-from-volume", CREATE, "c", origin_with_snapshot, **{"from": "o"}
-            ),
-            in_default=False,  # a snapshot's steps in the daemon, then a clone's
+        _clone(
+            "clone-create-from-volume", "o", after=lambda before, _: {**before, "c": before["o"]}
         ),
-        LayerCase(
-            "remove-shared-layers",
-            origin_and_clone,
-            after=lambda before, _: {n: t for n, t in before.items() if n != "o"},
-            done=lambda ws: not exists(ws, "o"),
-            request=_request("remove-shared-layers", REMOVE, "o", origin_and_clone),
-            retry_always=True,
-        ),
-        LayerCase(
-            "remove-own-layers",
-            origin_with_two_snapshots,
-            after=lambda before, _: {n: t for n, t in before.items() if n != "o"},
-            done=lambda ws: not exists(ws, "o"),
-            request=_request("remove-own-layers", REMOVE, "o", origin_with_two_snapshots),
-            retry_always=True,
-        ),
+        _removal("remove-shared-layers", origin_and_clone),
+        _removal("remove-own-layers", origin_with_two_snapshots),
         LayerCase(
             "snapshot",
             volume_with_a_cloned_snapshot,

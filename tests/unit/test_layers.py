@@ -19,6 +19,7 @@ from docker_on_top.snapshots import VolumeSnapshots
 from docker_on_top.volume import ROLLBACK, SNAPSHOT
 
 from ..mounts import mounts_under
+from ..trees import apply_oci_layer, change_volume
 from .conftest import commands_of, new_driver, recover_driver
 
 ID = "c" * 64
@@ -47,17 +48,7 @@ def view(driver: Driver, name: str) -> dict[str, str]:
 
 def write(driver: Driver, name: str, files: dict[str, str | None]) -> None:
     """Change the volume as a container would: write files, delete those given None."""
-    mountpoint = Path(driver.mount(name, ID))
-    try:
-        for relative, text in files.items():
-            path = mountpoint / relative
-            if text is None:
-                path.unlink()
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-    finally:
-        driver.unmount(name, ID)
+    change_volume(driver, name, ID, files)
 
 
 def metadata_of(driver: Driver, name: str) -> dict[str, object]:
@@ -343,9 +334,6 @@ def test_commit_into_writes_the_whole_stack(
 
 
 def test_export_of_a_snapshot_is_the_layer_it_froze(driver: Driver, base: Path) -> None:
-    import io
-    import tarfile
-
     driver.create("v", {"base": str(base)})
     write(driver, "v", {"x": "1", "a": None})
     snapshots_of(driver).snapshot("v", "one")
@@ -360,37 +348,6 @@ def test_export_of_a_snapshot_is_the_layer_it_froze(driver: Driver, base: Path) 
     out.seek(0)
     with tarfile.open(fileobj=out) as layer:
         assert layer.getnames() == ["y"]
-
-
-def apply_layer(layer: bytes, target: Path) -> None:
-    """Apply an OCI layer onto `target` as an image's unpacker does: `.wh.NAME` deletes
-    NAME below, `DIR/.wh..wh..opq` (right after DIR's entry) empties DIR of what lay
-    below, everything else is written over what was there."""
-
-    def remove(path: Path) -> None:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
-        for member in tar.getmembers():
-            path = target / member.name
-            if path.name == ".wh..wh..opq":
-                for child in list(path.parent.iterdir()):
-                    remove(child)
-            elif path.name.startswith(".wh."):
-                remove(path.with_name(path.name[4:]))
-            elif member.isdir():
-                if not path.is_dir():
-                    remove(path)
-                    path.mkdir()
-            else:
-                assert member.isfile(), member
-                remove(path)
-                extracted = tar.extractfile(member)
-                assert extracted is not None
-                path.write_bytes(extracted.read())
 
 
 def files_in(folder: Path) -> dict[str, str]:
@@ -427,7 +384,7 @@ def test_export_since_an_older_snapshot_is_one_layer_of_all_changed_since(
         commands_of(driver).commit_into(f"at-{name}", workspace / name)
 
     since_one = exported(driver, "v", "one")
-    apply_layer(since_one, workspace / "one")
+    apply_oci_layer(since_one, workspace / "one")
     assert files_in(workspace / "one") == view(driver, "v")
     with tarfile.open(fileobj=io.BytesIO(since_one)) as tar:
         names = tar.getnames()
@@ -436,7 +393,7 @@ def test_export_since_an_older_snapshot_is_one_layer_of_all_changed_since(
 
     one_to_two = exported(driver, "v@two", "one")
     commands_of(driver).commit_into("at-one", workspace / "one-again")
-    apply_layer(one_to_two, workspace / "one-again")
+    apply_oci_layer(one_to_two, workspace / "one-again")
     assert files_in(workspace / "one-again") == files_in(workspace / "two")
     # Since the last snapshot it is the export without --since.
     assert exported(driver, "v", "two") == exported(driver, "v", None)
