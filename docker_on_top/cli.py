@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("volume", metavar="VOLUME[@NAME]")
     export.add_argument("-o", "--output", default="-", help="file to write, or - for stdout")
+    export.add_argument(
+        "--since",
+        metavar="NAME",
+        help="the changes since this older snapshot of the volume, as one layer",
+    )
     reset = command("reset", "throw all of a volume's changes away")
     reset.add_argument("volume")
     commit = command("commit", "write a volume's merged content somewhere, or onto its base")
@@ -191,14 +196,14 @@ def _terminal_progress(verb: str) -> Progress | None:
     return show
 
 
-def _export(commands: VolumeCommands, volume: str, output: str) -> None:
+def _export(commands: VolumeCommands, volume: str, output: str, since: str | None) -> None:
     def report(path: str, reason: str) -> None:
         _warn(volume, path, reason)
 
     if output == "-":
         if sys.stdout.isatty():
             raise SystemExit("docker-on-top: refusing to write a tar to a terminal; use -o FILE")
-        commands.export(volume, sys.stdout.buffer, report)
+        commands.export(volume, sys.stdout.buffer, report, since=since)
         return
     # Written aside and renamed at the end: a failure, or a stop by a signal (see
     # run_command), leaves no half-written file.
@@ -206,7 +211,7 @@ def _export(commands: VolumeCommands, volume: str, output: str) -> None:
     partial = target.with_name(f".{target.name}.partial")
     try:
         with open(partial, "wb") as out:
-            commands.export(volume, out, report)
+            commands.export(volume, out, report, since=since)
         partial.rename(target)
     finally:
         with suppress(FileNotFoundError):
@@ -270,7 +275,7 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
         "ls": lambda: _ls(commands, arguments.json),
         "inspect": lambda: _inspect(commands, arguments.volume),
         "diff": lambda: _diff(commands, arguments.volume, arguments.json, arguments.since),
-        "export": lambda: _export(commands, arguments.volume, arguments.output),
+        "export": lambda: _export(commands, arguments.volume, arguments.output, arguments.since),
         "reset": lambda: commands.reset(arguments.volume),
         "commit": lambda: _commit(commands, arguments),
         "doctor": lambda: _doctor(commands, settings.name, arguments),

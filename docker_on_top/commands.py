@@ -165,21 +165,37 @@ class VolumeCommands:
             yield changes.Change(kind, path)
 
     def export(
-        self, reference: str, out: BinaryIO, report: changes.Report = changes.report_nothing
+        self,
+        reference: str,
+        out: BinaryIO,
+        report: changes.Report = changes.report_nothing,
+        *,
+        since: str | None = None,
     ) -> None:
         """VOLUME: its changes since its last snapshot; VOLUME@NAME: the layer NAME froze,
-        each as an OCI image layer over what lies below it. What a layer cannot carry is
-        left out and told to `report`."""
+        each as an OCI image layer over what lies below it. With `since`, an older
+        snapshot: the layers above it up to there (the volume's changes included, for
+        VOLUME) squashed into one layer over what lies at `since`. What a layer cannot
+        carry is left out and told to `report`."""
         volume_name, snapshot = parse_reference(reference)
         volume = self.store.volume(volume_name)
         metadata = self.store.metadata(volume)
+        start = len(metadata.layers)
+        if since is not None:
+            start = metadata.layers.index(_named_snapshot(metadata, volume_name, since).layer) + 1
         try:
             if snapshot is None:
                 with _own_changes(self.store, volume, metadata) as upper:
-                    changes.export_layer(upper, out, report)
+                    frozen = [self.store.layers.tree(layer) for layer in metadata.layers[start:]]
+                    changes.export_squashed([upper, *reversed(frozen)], out, report)
                 return
-            layer = _named_snapshot(metadata, volume_name, snapshot).layer
-            changes.export_layer(self.store.layers.tree(layer), out, report)
+            end = metadata.layers.index(_named_snapshot(metadata, volume_name, snapshot).layer)
+            if since is not None and end < start:
+                raise UserError(f"{volume_name}@{since} is not older than {reference}")
+            if since is None:
+                start = end
+            frozen = [self.store.layers.tree(layer) for layer in metadata.layers[start : end + 1]]
+            changes.export_squashed(list(reversed(frozen)), out, report)
         except BrokenPipeError:
             raise  # the reader went away: the caller's business, not a failure here
         except OSError as error:
@@ -326,9 +342,11 @@ def unused(
         if not overlay.free_mountpoint(volume):
             raise UserError(f"volume {volume.name}: {overlay.HELD_ON_HOST}; close them first")
         try:
-            store.layers.settle_snapshot(volume, metadata.layers)
+            metadata = store.layers.settle(volume, metadata)
         except (OSError, ValueError) as error:
-            raise InternalError("failed to settle a snapshot cut short", error) from error
+            raise InternalError(
+                "failed to settle a snapshot or rollback cut short", error
+            ) from error
         yield metadata
 
 

@@ -165,9 +165,11 @@ class Driver:
             mounted_here = False
             if first_user:
                 try:
-                    self.store.layers.settle_snapshot(volume, metadata.layers)
+                    metadata = self.store.layers.settle(volume, metadata)
                 except (OSError, ValueError) as error:
-                    raise InternalError("failed to settle a snapshot cut short", error) from error
+                    raise InternalError(
+                        "failed to settle a snapshot or rollback cut short", error
+                    ) from error
                 if overlay.free_mountpoint(volume):
                     overlay.mount(self.store, volume, metadata, discard=True)
                     mounted_here = True

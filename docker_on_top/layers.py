@@ -8,7 +8,8 @@ What uses a layer is derived from the volumes' metadata alone ("Layers"), and fr
 snapshot a crash cut short (a volume's `snapshot.json`, which names the layer its
 changes went to): never from a counter a crash could get wrong. A layer nothing uses is
 an orphan, removed by the next collection. Freezing is one rename of a volume's upper,
-so it costs the same for no change as for a million.
+so it costs the same for no change as for a million. A rollback writes its
+`rollback.json` before it changes anything, and the volume's next use finishes it.
 
 The folder's flock serialises whatever adds a use of a layer (a snapshot, a clone) with
 whatever removes layers (a collection); callers take it after any volume's lock.
@@ -22,16 +23,19 @@ import os
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import kernel
-from .volume import Volume, fsync_directory, write_atomically
+from .metadata import Metadata
+from .volume import ROLLBACK, SNAPSHOT, Volume, fsync_directory, write_atomically
 from .walk import remove_tree
 
 log = logging.getLogger(__name__)
 
 FOLDER = ".layers"
+# Where a volume's new upper is made before it is renamed into place.
+UPPER_STAGING = ".upper.new"
 # overlayfs stacks at most this many lower layers (bases included).
 MAX_LOWER_LAYERS = 500
 
@@ -96,21 +100,29 @@ class LayerStore:
             fsync_directory(upper.parent)
         self.remove(layer)
 
-    def settle_snapshot(self, volume: Volume, listed: Iterable[str]) -> None:
-        """Under the volume's lock: finish or undo a snapshot of it that a crash cut
-        short. Listed in the metadata (`listed`): it happened, so the volume gets its new
-        empty upper; else its changes go back from the layer to its upper."""
-        layer = volume.snapshot_in_progress()
-        if layer is None:
-            return
-        if layer in listed:
-            if not volume.upper.exists():
-                make_upper_like(self.tree(layer), volume.upper)
-            log.warning("volume %s: finished a snapshot that was cut short", volume.name)
-        else:
-            self.thaw(layer, volume.upper)
-            log.warning("volume %s: undid a snapshot that was cut short", volume.name)
-        volume.end_snapshot()
+    def settle(self, volume: Volume, metadata: Metadata) -> Metadata:
+        """Under the volume's lock: finish or undo what a crash cut short, and return the
+        volume's metadata as it is then.
+
+        A snapshot listed in the metadata happened, so the volume gets its new empty
+        upper; one not listed is undone, its changes going back from the layer to its
+        upper. A rollback is finished: its intent was written before anything changed,
+        so the changes it throws away may be half gone already."""
+        layer = volume.in_progress(SNAPSHOT)
+        if layer is not None:
+            if layer in metadata.layers:
+                if not volume.upper.exists():
+                    make_upper_like(self.tree(layer), volume.upper)
+                log.warning("volume %s: finished a snapshot that was cut short", volume.name)
+            else:
+                self.thaw(layer, volume.upper)
+                log.warning("volume %s: undid a snapshot that was cut short", volume.name)
+            volume.end(SNAPSHOT)
+        layer = volume.in_progress(ROLLBACK)
+        if layer is not None:
+            metadata = finish_rollback(volume, metadata, layer)
+            log.warning("volume %s: finished a rollback that was cut short", volume.name)
+        return metadata
 
     def info(self, layer: str) -> LayerInfo | None:
         try:
@@ -157,10 +169,36 @@ class LayerStore:
         return removed
 
 
+def finish_rollback(volume: Volume, metadata: Metadata, layer: str) -> Metadata:
+    """Roll the volume back to its layer `layer`, under its lock and with its intent
+    written (Volume.begin(ROLLBACK, ...)): the later layers off its list, its changes
+    thrown away, then the intent removed. Done again after a crash, it finishes."""
+    if layer not in metadata.layers:
+        raise ValueError(f"volume {volume.name}: a rollback to layer {layer}, which it lacks")
+    kept = metadata.layers[: metadata.layers.index(layer) + 1]
+    rolled_back = replace(
+        metadata,
+        layers=kept,
+        snapshots=tuple(s for s in metadata.snapshots if s.layer in kept),
+    )
+    if rolled_back != metadata:
+        volume.write_metadata(rolled_back)
+    volume.discard_changes()
+    volume.end(ROLLBACK)
+    return rolled_back
+
+
 def make_upper_like(model: Path, upper: Path) -> None:
-    """A new empty upper directory with the owner and mode of `model` (the one frozen)."""
+    """A new empty upper directory with the owner and mode of `model` (the one frozen).
+
+    Made aside and renamed into place: an upper that a crash left with another owner or
+    mode would give the volume's root those (the next use finishes the snapshot only
+    where no upper exists)."""
     found = os.lstat(model)
-    os.mkdir(upper, 0o700)
-    os.chown(upper, found.st_uid, found.st_gid)
-    os.chmod(upper, found.st_mode & 0o7777)
+    staging = upper.with_name(UPPER_STAGING)
+    remove_tree(staging)  # left by a crash, if any
+    os.mkdir(staging, 0o700)
+    os.chown(staging, found.st_uid, found.st_gid)
+    os.chmod(staging, found.st_mode & 0o7777)
+    os.rename(staging, upper)
     fsync_directory(upper.parent)

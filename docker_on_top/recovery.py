@@ -4,8 +4,8 @@ first request is served.
 For every volume: a `mountpoint/` that is gone means a clean stop; one that could be
 removed means the overlay is gone although the last run did not clean up (its records
 describe nobody any more); one still mounted means containers may still use it, so it is
-left alone. Removals, creations and snapshots that a crash cut short are finished or
-undone, and layers no volume uses any more are removed.
+left alone. Removals, creations, snapshots and rollbacks that a crash cut short are
+finished or undone, and layers no volume uses any more are removed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .errors import InternalError, PluginError
 from .releases import PendingReleases
 from .snapshots import VolumeSnapshots
 from .store import VolumeStore
-from .volume import PRIVATE_MODE, REMOVED_PREFIX, Volume, make_private
+from .volume import PRIVATE_MODE, REMOVED_PREFIX, ROLLBACK, SNAPSHOT, Volume, make_private
 from .walk import remove_tree
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
         if not volume.has_metadata() and _remove_half_made(volume):
             report.half_made.append(volume.name)
             continue
-        _settle_snapshot(store, volume)
+        _settle(store, volume)
         try:
             volume.mountpoint.rmdir()
         except FileNotFoundError:
@@ -112,16 +112,16 @@ def _make_folders_private(store: VolumeStore) -> None:
         )
 
 
-def _settle_snapshot(store: VolumeStore, volume: Volume) -> None:
-    """Finish or undo a snapshot of the volume that a crash cut short (see layers.py)."""
+def _settle(store: VolumeStore, volume: Volume) -> None:
+    """Finish or undo a snapshot or rollback that a crash cut short (see layers.py)."""
     try:
-        if volume.snapshot_in_progress() is None:
+        if volume.in_progress(SNAPSHOT) is None and volume.in_progress(ROLLBACK) is None:
             return
         with volume.records.lock():
-            store.layers.settle_snapshot(volume, store.metadata(volume).layers)
+            store.layers.settle(volume, store.metadata(volume))
     except (PluginError, OSError, ValueError) as error:
         log.warning(
-            "volume %s: cannot settle a snapshot that was cut short: %s", volume.name, error
+            "volume %s: cannot settle a snapshot or rollback cut short: %s", volume.name, error
         )
 
 

@@ -26,11 +26,11 @@ from . import changes
 from .commands import unused
 from .errors import BusyError, InternalError, UserError
 from .kernel import LockTimeout
-from .layers import MAX_LOWER_LAYERS, LayerInfo, make_upper_like
+from .layers import MAX_LOWER_LAYERS, LayerInfo, finish_rollback, make_upper_like
 from .metadata import Metadata, Snapshot, rfc3339
 from .releases import PendingReleases
 from .store import VolumeStore, parse_reference
-from .volume import Volume
+from .volume import ROLLBACK, SNAPSHOT, Volume
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class VolumeSnapshots:
         layer = self.layers.new_id()
         created_at = rfc3339(time.time())
         try:
-            volume.begin_snapshot(layer)
+            volume.begin(SNAPSHOT, layer)
             self.layers.freeze(layer, volume.upper, LayerInfo(layer, volume.name, name, created_at))
             volume.write_metadata(
                 replace(
@@ -99,7 +99,7 @@ class VolumeSnapshots:
                 )
             )
             make_upper_like(self.layers.tree(layer), volume.upper)
-            volume.end_snapshot()
+            volume.end(SNAPSHOT)
         except OSError as error:
             raise InternalError(
                 "failed to take the snapshot (the volume's next use finishes or undoes it)",
@@ -147,21 +147,13 @@ class VolumeSnapshots:
         volume = self.store.volume(volume_name)
         with unused(self.store, self.releases, volume, "a rollback") as metadata:
             snapshot = _snapshot_named(volume, metadata, name)
-            kept = metadata.layers[: metadata.layers.index(snapshot.layer) + 1]
-            dropped = metadata.layers[len(kept) :]
             with self._layers_locked():
                 try:
-                    # The changes go first: an interruption then leaves the volume as
-                    # if reset, never its changes over an older layer.
-                    volume.discard_changes()
-                    volume.write_metadata(
-                        replace(
-                            metadata,
-                            layers=kept,
-                            snapshots=tuple(s for s in metadata.snapshots if s.layer in kept),
-                        )
-                    )
-                    self._collect(dropped)
+                    # The intent first: a crash at any later step leaves a rollback that
+                    # the volume's next use finishes, never its changes half thrown away.
+                    volume.begin(ROLLBACK, snapshot.layer)
+                    kept = finish_rollback(volume, metadata, snapshot.layer).layers
+                    self._collect(metadata.layers[len(kept) :])
                 except OSError as error:
                     raise InternalError("failed to roll back (run it again)", error) from error
         log.info("volume %s: rolled back to %s", volume_name, name)
@@ -236,13 +228,23 @@ class VolumeSnapshots:
             self._collect(None)
 
     def _collect(self, candidates: Iterable[str] | None) -> None:
+        """Remove the layers (of `candidates`, or all) that no volume uses. While one
+        volume's metadata or snapshot intent cannot be read, which layers it uses cannot
+        be told: then none is removed (the next collection tries again)."""
         in_use: set[str] = set()
         for volume in self.store.volumes():
             try:
                 in_use.update(self.store.metadata(volume).layers)
-                pending = volume.snapshot_in_progress()
-            except (UserError, InternalError, ValueError):
-                continue
+                pending = volume.in_progress(SNAPSHOT)
+            except UserError:
+                continue  # no metadata.json: it mounts nothing
+            except (InternalError, ValueError) as error:
+                log.warning(
+                    "volume %s: cannot tell which layers it uses, so none is removed: %s",
+                    volume.name,
+                    error,
+                )
+                return
             if pending is not None:
                 in_use.add(pending)
         self.layers.collect(in_use, candidates)

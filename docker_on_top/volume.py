@@ -9,6 +9,8 @@ Layout (shared with docker-on-top v0.1.2, so either plugin can run on the same r
     <root>/<name>/mountpoint/       where the overlay is mounted, only while mounted
     <root>/<name>/busy.json         what holds the lock for long work (ours only), while it does
     <root>/<name>/snapshot.json     the layer a snapshot moves upper/ into (ours), while it does
+    <root>/<name>/rollback.json     the layer a rollback goes back to (ours), while it does
+    <root>/<name>/.upper.new/       a snapshot's new upper/ (ours), until renamed into place
     <root>/<name>/usage.json        what a sized volume's storage held at its last unmount (ours)
     <root>/<name>/size.img          a sized volume's changes (ours): an ext4 image, in place
                                     of upper/; mounted on limit/ while the volume is (a
@@ -49,6 +51,7 @@ NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 NAME_MAX_BYTES = 255  # NAME_MAX: a volume name and a mount ID each become one file name
 # A volume folder being removed is renamed to this prefix: no volume name starts with ".".
 REMOVED_PREFIX = ".removed."
+SNAPSHOT, ROLLBACK = "snapshot", "rollback"  # the kinds of Volume.intent
 # The state root and each volume folder give others no access at all: `upper/` holds
 # whatever a container wrote, setuid-root files included, and any access for others
 # (even the execute bit alone) would let a host user run them by their path. As for
@@ -300,34 +303,33 @@ class Volume:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    @cached_property
-    def snapshot_intent(self) -> Path:
-        """Present only while a snapshot moves the changes into a layer (see layers.py)."""
-        return Path(f"{self.location}/snapshot.json")
+    def intent(self, kind: str) -> Path:
+        """Only while a snapshot or rollback (`kind`) runs: its layer (see layers.py)."""
+        return Path(f"{self.location}/{kind}.json")
 
-    def begin_snapshot(self, layer: str) -> None:
+    def begin(self, kind: str, layer: str) -> None:
         write_atomically(
-            self.snapshot_intent,
+            self.intent(kind),
             json.dumps({"Layer": layer}).encode(),
-            f"{self.location}/.snapshot.json.tmp",
+            f"{self.location}/.{kind}.json.tmp",
             durable=True,
         )
 
-    def snapshot_in_progress(self) -> str | None:
-        """The layer a snapshot cut short was moving the changes to, if any."""
+    def in_progress(self, kind: str) -> str | None:
+        """The layer of a snapshot or rollback (`kind`) cut short, if any."""
         try:
-            layer = json.loads(self.snapshot_intent.read_bytes())["Layer"]
+            layer = json.loads(self.intent(kind).read_bytes())["Layer"]
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{self.snapshot_intent} is damaged: {error}") from None
+            raise ValueError(f"{self.intent(kind)} is damaged: {error}") from None
         if not isinstance(layer, str) or not NAME_PATTERN.fullmatch(layer):
-            raise ValueError(f"{self.snapshot_intent} names no layer")
+            raise ValueError(f"{self.intent(kind)} names no layer")
         return layer
 
-    def end_snapshot(self) -> None:
+    def end(self, kind: str) -> None:
         with suppress(FileNotFoundError):
-            self.snapshot_intent.unlink()
+            self.intent(kind).unlink()
 
     @cached_property
     def busy_note(self) -> Path:

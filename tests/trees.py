@@ -1,4 +1,5 @@
-"""Snapshots of whole folder trees, and an OCI layer applier, for comparing views."""
+"""Snapshots of whole folder trees, a volume changed as a container changes it, and an
+OCI layer applier, for comparing views."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import os
 import shutil
 import stat
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 
 class Node(NamedTuple):
@@ -107,3 +109,29 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.is_symlink() or path.exists():
         path.unlink()
+
+
+class Mounter(Protocol):
+    """What mounts volumes: the driver, or a client of the daemon."""
+
+    def mount(self, name: str, mount_id: str) -> str: ...
+
+    def unmount(self, name: str, mount_id: str) -> None: ...
+
+
+def change_volume(
+    volumes: Mounter, name: str, mount_id: str, files: Mapping[str, str | None]
+) -> None:
+    """Change a volume as a container does, through a mount of it: write text files
+    (their folders made as needed), delete those given None."""
+    mountpoint = Path(volumes.mount(name, mount_id))
+    try:
+        for relative, text in files.items():
+            path = mountpoint / relative
+            if text is None:
+                path.unlink()
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+    finally:
+        volumes.unmount(name, mount_id)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .diff_walk import Change, diff
 from .merge import apply_to_base, merge_into, reset
-from .oci_layer import Report, export_layer, report_nothing
+from .oci_layer import Report, export_layer, export_squashed, report_nothing
 from .size import ChangesSize, changes_size
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "changes_size",
     "diff",
     "export_layer",
+    "export_squashed",
     "merge_into",
     "report_nothing",
     "reset",

@@ -1,12 +1,16 @@
 """`export_layer`: a volume's changes as an OCI image layer, and what a layer cannot
-carry, left out and reported. The tar itself is written by `layer_tar.py`."""
+carry, left out and reported; `export_squashed`: several layers' changes as one. The tar
+itself is written by `layer_tar.py`."""
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -65,53 +69,91 @@ def export_layer(upper: Path, out: BinaryIO, report: Report = report_nothing) ->
     `.wh.` (a layer reads it as a deletion), a socket (no tar form), an xattr whose name
     holds "=" (a PAX record would split it there).
     """
+    export_squashed([upper], out, report)
+
+
+def export_squashed(uppers: Sequence[Path], out: BinaryIO, report: Report = report_nothing) -> None:
+    """Several upper directories (topmost first) squashed into one layer, written as
+    export_layer writes one: what they show together over what lies below the lowest,
+    as overlayfs stacks them. Each path's entry is the topmost one's; a directory holds
+    what the directories at its path hold, from the topmost down to the first that is
+    opaque or over an entry that is no directory (it then hides all below it, and gets
+    the opaque marker). Frozen layers do not change; the topmost may, as for
+    export_layer."""
     layer = _LayerWriter(out)
     # The first name of each inode with several names, for the others to link to.
     first_names: dict[tuple[int, int], bytes] = {}
-    with Cursor.open(upper) as cursor, RegularFiles() as files:
+    with ExitStack() as held:
+        cursors = [held.enter_context(Cursor.open(upper)) for upper in uppers]
+        files = held.enter_context(RegularFiles())
+        # Per directory entered: the layers whose cursors went into it.
+        went_down: list[list[int]] = []
 
-        def enter(subdirectory: tuple[str, bool]) -> list[tuple[str, bool]] | None:
-            name, holds_xattr_whiteouts = subdirectory
-            if cursor.down(name) is None:
+        def enter(subdirectory: _Subdirectory) -> list[_Subdirectory] | None:
+            name, merged = subdirectory
+            sources = [
+                (index, cursors[index].fd, marked)
+                for index, marked in merged
+                if cursors[index].down(name) is not None
+            ]
+            if not sources:
                 return None
-            prefix = os.fsencode(cursor.relative()) + b"/"
-            return _export_entries(
-                layer, files, cursor.fd, prefix, holds_xattr_whiteouts, first_names, report
-            )
+            went_down.append([index for index, _, _ in sources])
+            prefix = os.fsencode(cursors[sources[0][0]].relative()) + b"/"
+            return _export_entries(layer, files, sources, prefix, first_names, report)
 
-        root_marked = _overlay_mark(cursor.fd) == _HOLDS_XATTR_WHITEOUTS
-        top = _export_entries(layer, files, cursor.fd, b"", root_marked, first_names, report)
-        depth_first(top, enter, lambda _: cursor.up())
+        def leave(_: _Subdirectory) -> None:
+            for index in went_down.pop():
+                cursors[index].up()
+
+        top = [
+            (index, cursor.fd, _overlay_mark(cursor.fd) == _HOLDS_XATTR_WHITEOUTS)
+            for index, cursor in enumerate(cursors)
+        ]
+        depth_first(_export_entries(layer, files, top, b"", first_names, report), enter, leave)
     layer.finish()
+
+
+# A directory to export: its name, and the layers whose directories of that name it
+# merges, topmost first, each with whether it is marked for xattr whiteouts.
+_Subdirectory = tuple[str, list[tuple[int, bool]]]
+# One layer's directory being exported: the layer, its descriptor, and that mark.
+_Source = tuple[int, int, bool]
 
 
 def _export_entries(
     layer: _LayerWriter,
     files: RegularFiles,
-    directory_fd: int,
+    sources: list[_Source],
     prefix: bytes,
-    holds_xattr_whiteouts: bool,
     first_names: dict[tuple[int, int], bytes],
     report: Report,
-) -> list[tuple[str, bool]]:
-    """Add one directory's entries to the layer; returns its subdirectories to export
-    next, as (name, marked for xattr whiteouts)."""
-    with os.scandir(directory_fd) as scan:
-        listed = sorted(
-            (os.fsencode(entry.name), entry.is_dir(follow_symlinks=False)) for entry in scan
-        )
+) -> list[_Subdirectory]:
+    """Add one directory's entries, merged from its layers' (`sources`, topmost first),
+    to the layer; returns its subdirectories to export next."""
+    # Each name's entries, topmost first: their source and whether each is a directory.
+    listed: dict[bytes, list[tuple[_Source, bool]]] = {}
+    for source in sources:
+        with os.scandir(source[1]) as scan:
+            for entry in scan:
+                found = (source, entry.is_dir(follow_symlinks=False))
+                listed.setdefault(os.fsencode(entry.name), []).append(found)
     subdirectories = []
-    for raw_name, is_directory in listed:
+    for raw_name in sorted(listed):
         name = prefix + raw_name
         if raw_name.startswith(_WHITEOUT_PREFIX_BYTES):
             report(_shown(name), _WHITEOUT_NAME_REFUSED)
             continue
+        entries = listed[raw_name]
+        (_, directory_fd, holds_xattr_whiteouts), is_directory = entries[0]
         own_name = os.fsdecode(raw_name)
         try:
             if is_directory:
-                marked = _export_directory(layer, directory_fd, own_name, name, report)
-                if marked is not None:
-                    subdirectories.append((own_name, marked))
+                chain = [source for source, _ in itertools.takewhile(itemgetter(1), entries)]
+                over_other = len(chain) < len(entries)
+                merged = _export_directory(layer, chain, own_name, name, over_other, report)
+                if merged is not None:
+                    subdirectories.append((own_name, merged))
                 continue
             fd, st = files.open(directory_fd, own_name)
         except FileNotFoundError:
@@ -144,25 +186,46 @@ def _shown(name: bytes) -> str:
 
 
 def _export_directory(
-    layer: _LayerWriter, parent_fd: int, own_name: str, name: bytes, report: Report
-) -> bool | None:
-    """A directory's entry (and its opaque marker), described from the open directory;
-    returns whether it is marked for xattr whiteouts, None when it is no directory now."""
-    try:
-        fd = os.open(own_name, DIRECTORY_FLAGS, dir_fd=parent_fd)
-    except OSError as error:
-        if error.errno in (errno.ENOTDIR, errno.ELOOP):
-            return None
-        raise
-    try:
-        st = os.fstat(fd)
-        layer.add(name + b"/", _DIRTYPE, st, xattrs=_exportable_xattrs(fd, name, report))
-        mark = _overlay_mark(fd)
-    finally:
-        os.close(fd)
-    if mark == _HIDES:
-        layer.add(name + _OPAQUE_MARKER_NAME, _REGTYPE, st, mode=st.st_mode & 0o777)
-    return mark == _HOLDS_XATTR_WHITEOUTS
+    layer: _LayerWriter,
+    chain: list[_Source],
+    own_name: str,
+    name: bytes,
+    over_other: bool,
+    report: Report,
+) -> list[tuple[int, bool]] | None:
+    """A directory's entry, described from the topmost open directory, and its opaque
+    marker when it hides what lies below: when one of the directories it merges
+    (`chain`, topmost first) is opaque, or the lowest lies over an entry that is no
+    directory (`over_other`). Returns the layers it merges (down to the opaque one),
+    each with whether it is marked for xattr whiteouts; None when it is no directory
+    now."""
+    merged: list[tuple[int, bool]] = []
+    hides = over_other
+    top: os.stat_result | None = None
+    for index, parent_fd, _ in chain:
+        try:
+            fd = os.open(own_name, DIRECTORY_FLAGS, dir_fd=parent_fd)
+        except OSError as error:
+            if top is not None:
+                hides = True  # a frozen layer's changed since it was listed: nothing below
+                break
+            if error.errno in (errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+        try:
+            if top is None:
+                top = os.fstat(fd)
+                layer.add(name + b"/", _DIRTYPE, top, xattrs=_exportable_xattrs(fd, name, report))
+            mark = _overlay_mark(fd)
+        finally:
+            os.close(fd)
+        merged.append((index, mark == _HOLDS_XATTR_WHITEOUTS))
+        if mark == _HIDES:
+            hides = True
+            break
+    if hides and top is not None:
+        layer.add(name + _OPAQUE_MARKER_NAME, _REGTYPE, top, mode=top.st_mode & 0o777)
+    return merged
 
 
 def _export_file(

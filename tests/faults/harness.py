@@ -50,7 +50,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +68,8 @@ from ..protocol.conftest import (
 
 # Every syscall through which the daemon changes the state root or answers the client.
 # mkdirat and renameat2 are not used today (Python calls mkdir and rename), but a change
-# of the code that starts using them is then still covered.
+# of the code that starts using them is then still covered; so are the calls that change
+# an owner or a mode (a snapshot gives the new upper its frozen one's).
 TRACED = (
     "mkdir",
     "mkdirat",
@@ -85,6 +86,12 @@ TRACED = (
     "rmdir",
     "flock",
     "sendto",
+    "chmod",
+    "fchmod",
+    "fchmodat",
+    "chown",
+    "fchown",
+    "fchownat",
 )
 # What a syscall failure test injects into, and with which errors.
 FAILING = ("mkdir", "mount", "umount2", "rename", "openat", "write")
@@ -336,12 +343,21 @@ class Scenario:
     volatile: bool = False
     users: Mapping[str, int] = field(default_factory=dict)
     in_default: bool = True  # also in the representative (default) run
+    # For the layered scenarios (tests/faults/layered.py): the volume the request names,
+    # a Create's options (in place of `base`), and the set-up in place of set_up's.
+    volume: str = VOLUME
+    options: Mapping[str, str] | None = None
+    prepare: Callable[[Workspace, PluginClient], object] | None = None
 
     @property
     def operation(self) -> str:
         return self.endpoint.rsplit(".", 1)[1]
 
     def body(self, ws: Workspace) -> dict[str, object]:
+        if self.options is not None:
+            return {"Name": self.volume, "Opts": dict(self.options)}
+        if self.prepare is not None:
+            return {"Name": self.volume}
         if self.endpoint == CREATE:
             opts = {"base": str(ws.base)}
             if self.volatile:
@@ -406,6 +422,9 @@ def write_changes(mountpoint: Path) -> None:
 
 def set_up(scenario: Scenario, ws: Workspace, client: PluginClient) -> None:
     """Bring the volume into the scenario's state, through the daemon."""
+    if scenario.prepare is not None:
+        scenario.prepare(ws, client)
+        return
     if scenario.endpoint == CREATE:
         return
     options = {"volatile": "true"} if scenario.volatile else {}
@@ -438,19 +457,38 @@ class CleanTrace:
         return counts
 
     def crash_points(self) -> list[Call]:
-        """Every step (full run), or one step per distinct state a crash can leave: a
-        kill before each call that changes the disk or the mount table, and one right
-        after the last such call (a kill before a read, a log line or a lock leaves the
-        same state as the kill before the next change)."""
-        if FULL:
-            return list(self.calls)
-        changing = [index for index, call in enumerate(self.calls) if call.mutating]
-        if not changing:
-            return list(self.calls[:1])
-        points = [self.calls[index] for index in changing]
-        if changing[-1] + 1 < len(self.calls):
-            points.append(self.calls[changing[-1] + 1])
-        return points
+        return crash_points(self.calls)
+
+
+def crash_points(
+    calls: tuple[Call, ...], *, from_first_change: bool = False, thin_walks: bool = False
+) -> list[Call]:
+    """Every step (full run), or one step per distinct state a crash can leave: a kill
+    before each call that changes the disk or the mount table, and one right after the
+    last such call (a kill before a read, a log line or a lock leaves the same state as
+    the kill before the next change). `from_first_change`: the full run too starts at
+    the first change (the calls before it are a process's start-up, which changes
+    nothing). `thin_walks`: outside the full run, of the changes that follow each other
+    in a directory walk only the first and the last (a kill between them leaves the
+    same kind of state: a tree partly removed)."""
+    # No fault goes into the write to the wake-up pipe (see the module's docstring).
+    calls = tuple(call for call in calls if not call.wake_up)
+    changing = [index for index, call in enumerate(calls) if call.mutating]
+    if FULL:
+        return list(calls[changing[0] :] if from_first_change and changing else calls)
+    if not changing:
+        return list(calls[:1])
+    points = [calls[index] for index in changing]
+    if thin_walks:
+        walking = [_in_directory_walk(call) for call in points]
+        points = [
+            call
+            for index, call in enumerate(points)
+            if not (0 < index < len(points) - 1 and all(walking[index - 1 : index + 2]))
+        ]
+    if changing[-1] + 1 < len(calls):
+        points.append(calls[changing[-1] + 1])
+    return points
 
 
 def canonical_order(calls: list[Call]) -> tuple[Call, ...]:
@@ -482,7 +520,21 @@ def fresh_daemon(ws: Workspace) -> Daemon:
 @functools.cache
 def clean_trace(name: str) -> CleanTrace:
     """Run the scenario once without faults, traced exactly like the injected runs."""
-    scenario = SCENARIOS[name]
+    return traced_cleanly(SCENARIOS[name])
+
+
+_CLEAN_TRACES: dict[str, CleanTrace] = {}
+
+
+def clean_trace_of(scenario: Scenario) -> CleanTrace:
+    """clean_trace for a scenario of another list (tests/faults/layered.py), by name."""
+    if scenario.name not in _CLEAN_TRACES:
+        _CLEAN_TRACES[scenario.name] = traced_cleanly(scenario)
+    return _CLEAN_TRACES[scenario.name]
+
+
+def traced_cleanly(scenario: Scenario) -> CleanTrace:
+    name = scenario.name
     ws = Workspace()
     strace: Strace | None = None
     try:
@@ -503,6 +555,64 @@ def clean_trace(name: str) -> CleanTrace:
         if strace is not None:
             strace.stop()
         ws.cleanup()
+
+
+# --- one kill ---------------------------------------------------------------------------------
+
+Attach = Callable[[int, list[str]], Strace]  # starts strace on a daemon (conftest.Tracer)
+
+
+def killed_where_named(
+    calls: list[Call], killed: bool, call: Call, clean: tuple[Call, ...], trace: Path, context: str
+) -> None:
+    """The traced process died of the kill on entering `call`, the named occurrence of
+    its syscall, having taken the clean run's path up to there."""
+    assert killed, trace.read_text()
+    assert calls and calls[-1].name == call.name, "\n".join(c.shown for c in calls)
+    assert calls[-1].occurrence == call.occurrence, "\n".join(c.shown for c in calls)
+    same_calls_as_clean_run(calls, clean, context)
+
+
+def request_killed_at(
+    daemon: Daemon, attach: Attach, trace: CleanTrace, call: Call, ws: Workspace
+) -> None:
+    """Send the scenario's request with a kill on entering `call`; the daemon must die
+    there."""
+    scenario = trace.scenario
+    strace = attach(daemon.pid, [f"{call.name}:signal=KILL:when={call.occurrence}"])
+    reply = send(ws.client(), scenario.endpoint, scenario.body(ws))
+    try:
+        status: int | None = daemon.process.wait(1 if reply is not None else 10)
+    except subprocess.TimeoutExpired:
+        status = None
+    strace.stop()
+    assert reply is None and status == -9, (
+        f"the injection at {call.label} ({call.shown}) was not reached: reply {reply}, "
+        f"exit status {status}\n{daemon.log()}"
+    )
+    calls, killed = strace.calls()
+    killed_where_named(
+        calls, killed, call, trace.calls, strace.output, f"{scenario.name}-{call.label}"
+    )
+
+
+def request_completes(daemon: Daemon, attach: Attach, trace: CleanTrace, ws: Workspace) -> None:
+    """Send the request with a kill one call past the clean run's count of every
+    syscall: it must complete, with the clean run's calls."""
+    scenario = trace.scenario
+    injections = [f"{name}:signal=KILL:when={n + 1}" for name, n in trace.counts().items()]
+    strace = attach(daemon.pid, injections)
+    reply = send(ws.client(), scenario.endpoint, scenario.body(ws))
+    assert reply is not None and reply.status == 200, (
+        f"{scenario.name}: with a kill one call past the clean count of every syscall "
+        f"the request must complete: {reply}\n{daemon.log()}"
+    )
+    wait_settled(daemon.pid)
+    strace.stop()
+    calls, killed = strace.calls()
+    assert not killed
+    assert len(calls) == len(trace.calls)
+    same_calls_as_clean_run(calls, trace.calls, scenario.name)
 
 
 # --- checks -------------------------------------------------------------------------------
@@ -539,7 +649,12 @@ def invariant_violations(root: Path) -> list[str]:
         if metadata.exists():
             try:
                 document = json.loads(metadata.read_bytes())
-                assert isinstance(document, dict) and isinstance(document["BaseDirPath"], str)
+                assert isinstance(document, dict)
+                bases = document["BaseDirPath"]
+                # A list (bottom base first) for a layered volume (metadata.py).
+                assert isinstance(bases, str) or (
+                    isinstance(bases, list) and bases and all(isinstance(b, str) for b in bases)
+                )
             except (ValueError, KeyError, AssertionError) as error:
                 problems.append(f"{metadata} is not whole: {error!r} {metadata.read_bytes()!r}")
         if not (folder / "activemounts").is_dir():

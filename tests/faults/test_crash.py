@@ -25,8 +25,6 @@ leave what a success must leave.
 
 from __future__ import annotations
 
-import subprocess
-
 from ..protocol.conftest import Workspace
 from .conftest import CrashPoint, Tracer
 from .harness import (
@@ -37,11 +35,10 @@ from .harness import (
     invariant_violations,
     log_on_failure,
     no_tracebacks,
-    same_calls_as_clean_run,
-    send,
+    request_completes,
+    request_killed_at,
     set_up,
     verify_after_fault,
-    wait_settled,
 )
 
 
@@ -55,42 +52,14 @@ def test_crash_at_step(ws: Workspace, tracer: Tracer, crash_point: CrashPoint | 
     expectation = Expectation.take(scenario, ws)
 
     if call is None:
-        counts = trace.counts()
-        injections = [f"{name}:signal=KILL:when={n + 1}" for name, n in counts.items()]
-        strace = tracer.attach(daemon.pid, injections)
-        reply = send(client, scenario.endpoint, scenario.body(ws))
-        assert reply is not None and reply.status == 200, (
-            f"{scenario.name}: with a kill one call past the clean count of every syscall "
-            f"the request must complete: {reply}\n{daemon.log()}"
-        )
-        wait_settled(daemon.pid)
-        strace.stop()
-        calls, killed = strace.calls()
-        assert not killed
-        assert len(calls) == len(trace.calls)
-        same_calls_as_clean_run(calls, trace.calls, scenario.name)
+        request_completes(daemon, tracer.attach, trace, ws)
         with log_on_failure(daemon, "the daemon"):
             verify_after_fault(
                 ws, client, expectation, outcome=SUCCEEDED, log=daemon.log(), context=scenario.name
             )
         return
 
-    strace = tracer.attach(daemon.pid, [f"{call.name}:signal=KILL:when={call.occurrence}"])
-    reply = send(client, scenario.endpoint, scenario.body(ws))
-    try:
-        status: int | None = daemon.process.wait(1 if reply is not None else 10)
-    except subprocess.TimeoutExpired:
-        status = None
-    strace.stop()
-    assert reply is None and status == -9, (
-        f"the injection at {call.label} ({call.shown}) was not reached: reply {reply}, "
-        f"exit status {status}\n{daemon.log()}"
-    )
-    calls, killed = strace.calls()
-    assert killed, strace.output.read_text()
-    assert calls and calls[-1].name == call.name, "\n".join(c.shown for c in calls)
-    assert calls[-1].occurrence == call.occurrence, "\n".join(c.shown for c in calls)
-    same_calls_as_clean_run(calls, trace.calls, f"{scenario.name}-{call.label}")
+    request_killed_at(daemon, tracer.attach, trace, call, ws)
     left_by_crash = invariant_violations(ws.root)  # recovery may repair these; shown if not
 
     restarted = fresh_daemon(ws)

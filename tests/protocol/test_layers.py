@@ -1,10 +1,13 @@
 """Layers through the real socket and the real command line (SPEC B12): several bases,
-snapshot, clone with `from`, rollback, destroy, and removal of shared layers."""
+snapshot, clone with `from`, rollback, destroy, removal of shared layers, and export
+since an older snapshot."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 from .conftest import PluginClient, Workspace
@@ -108,3 +111,39 @@ def test_snapshot_commands_refuse_clearly(ws: Workspace, client: PluginClient) -
         assert refused.returncode == 1, (arguments, refused)
         assert message in refused.stderr, (arguments, refused.stderr)
         assert "Traceback" not in refused.stderr
+
+
+def test_export_since_an_older_snapshot_writes_one_layer(
+    ws: Workspace, client: PluginClient
+) -> None:
+    client.create("v", ws.base)
+    change(client, "v", {"one.txt": "1\n"})
+    assert ws.command("snapshot", "v@one").returncode == 0
+    change(client, "v", {"one.txt": "2\n", "two.txt": "2\n"})
+    assert ws.command("snapshot", "v@two").returncode == 0
+    mountpoint = Path(client.mount("v", "writer"))
+    (mountpoint / "deleted.txt").unlink()
+    (mountpoint / "own.txt").write_text("own\n")
+    client.unmount("v", "writer")
+
+    def exported(*arguments: str) -> dict[str, bytes]:
+        target = ws.dir / "layer.tar"
+        done = ws.command("export", *arguments, "-o", str(target))
+        assert done.returncode == 0, done.stderr
+        with tarfile.open(target) as layer:
+            return {
+                member.name: (layer.extractfile(member) or io.BytesIO()).read()
+                for member in layer.getmembers()
+            }
+
+    assert exported("v", "--since", "one") == {
+        ".wh.deleted.txt": b"",
+        "one.txt": b"2\n",
+        "own.txt": b"own\n",
+        "two.txt": b"2\n",
+    }
+    assert exported("v@two", "--since", "one") == {"one.txt": b"2\n", "two.txt": b"2\n"}
+    assert exported("v", "--since", "two") == exported("v")
+    refused = ws.command("export", "v@one", "--since", "two", "-o", str(ws.dir / "x.tar"))
+    assert refused.returncode == 1 and "not older" in refused.stderr
+    assert not (ws.dir / "x.tar").exists()

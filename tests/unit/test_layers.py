@@ -3,8 +3,11 @@ real overlays through the driver and the command line's operations."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,10 @@ from docker_on_top.driver import Driver
 from docker_on_top.errors import UserError
 from docker_on_top.layers import MAX_LOWER_LAYERS, LayerInfo
 from docker_on_top.snapshots import VolumeSnapshots
+from docker_on_top.volume import ROLLBACK, SNAPSHOT
 
 from ..mounts import mounts_under
+from ..trees import apply_oci_layer, change_volume
 from .conftest import commands_of, new_driver, recover_driver
 
 ID = "c" * 64
@@ -43,17 +48,7 @@ def view(driver: Driver, name: str) -> dict[str, str]:
 
 def write(driver: Driver, name: str, files: dict[str, str | None]) -> None:
     """Change the volume as a container would: write files, delete those given None."""
-    mountpoint = Path(driver.mount(name, ID))
-    try:
-        for relative, text in files.items():
-            path = mountpoint / relative
-            if text is None:
-                path.unlink()
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-    finally:
-        driver.unmount(name, ID)
+    change_volume(driver, name, ID, files)
 
 
 def metadata_of(driver: Driver, name: str) -> dict[str, object]:
@@ -339,9 +334,6 @@ def test_commit_into_writes_the_whole_stack(
 
 
 def test_export_of_a_snapshot_is_the_layer_it_froze(driver: Driver, base: Path) -> None:
-    import io
-    import tarfile
-
     driver.create("v", {"base": str(base)})
     write(driver, "v", {"x": "1", "a": None})
     snapshots_of(driver).snapshot("v", "one")
@@ -358,6 +350,67 @@ def test_export_of_a_snapshot_is_the_layer_it_froze(driver: Driver, base: Path) 
         assert layer.getnames() == ["y"]
 
 
+def files_in(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): path.read_text()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def exported(driver: Driver, reference: str, since: str | None) -> bytes:
+    out = io.BytesIO()
+    commands_of(driver).export(reference, out, since=since)
+    return out.getvalue()
+
+
+def test_export_since_an_older_snapshot_is_one_layer_of_all_changed_since(
+    driver: Driver, base: Path, workspace: Path
+) -> None:
+    driver.create("v", {"base": str(base)})
+    write(driver, "v", {"kept": "1", "gone-later": "1", "dir/old": "1", "dir/sub/deep": "1"})
+    snapshots_of(driver).snapshot("v", "one")
+    write(driver, "v", {"kept": "2", "gone-later": None, "a": None, "new": "2"})
+    mountpoint = Path(driver.mount("v", ID))
+    shutil.rmtree(mountpoint / "dir")  # made again: an opaque directory in layer two
+    (mountpoint / "dir").mkdir()
+    (mountpoint / "dir" / "fresh").write_text("2")
+    driver.unmount("v", ID)
+    snapshots_of(driver).snapshot("v", "two")
+    write(driver, "v", {"new": "3", "b": "changed", "made-then-gone": "3", "dir/more": "3"})
+    write(driver, "v", {"made-then-gone": None})
+    for name in ("one", "two"):
+        driver.create(f"at-{name}", {"from": f"v@{name}"})
+        commands_of(driver).commit_into(f"at-{name}", workspace / name)
+
+    since_one = exported(driver, "v", "one")
+    apply_oci_layer(since_one, workspace / "one")
+    assert files_in(workspace / "one") == view(driver, "v")
+    with tarfile.open(fileobj=io.BytesIO(since_one)) as tar:
+        names = tar.getnames()
+    assert {".wh.a", ".wh.gone-later", "dir/.wh..wh..opq", "dir/fresh", "dir/more"} <= set(names)
+    assert "dir/old" not in names and "dir/sub/deep" not in names
+
+    one_to_two = exported(driver, "v@two", "one")
+    commands_of(driver).commit_into("at-one", workspace / "one-again")
+    apply_oci_layer(one_to_two, workspace / "one-again")
+    assert files_in(workspace / "one-again") == files_in(workspace / "two")
+    # Since the last snapshot it is the export without --since.
+    assert exported(driver, "v", "two") == exported(driver, "v", None)
+
+
+def test_export_since_refuses_a_missing_or_later_snapshot(driver: Driver, base: Path) -> None:
+    driver.create("v", {"base": str(base)})
+    snapshots_of(driver).snapshot("v", "one")
+    snapshots_of(driver).snapshot("v", "two")
+    with pytest.raises(UserError, match="no snapshot three"):
+        exported(driver, "v", "three")
+    with pytest.raises(UserError, match="not older"):
+        exported(driver, "v@one", "two")
+    with pytest.raises(UserError, match="not older"):
+        exported(driver, "v@one", "one")
+
+
 # --- crashes ------------------------------------------------------------------------------
 
 
@@ -368,7 +421,7 @@ def test_a_snapshot_cut_short_before_its_metadata_is_undone(
     write(driver, "v", {"x": "mine"})
     volume = driver.store.volume("v")
     layer = driver.store.layers.new_id()
-    volume.begin_snapshot(layer)
+    volume.begin(SNAPSHOT, layer)
     with driver.store.layers.lock(None):
         driver.store.layers.freeze(layer, volume.upper, LayerInfo(layer, "v", "s", "t"))
     assert not volume.upper.exists()
@@ -376,7 +429,7 @@ def test_a_snapshot_cut_short_before_its_metadata_is_undone(
     recover_driver(restarted)
     assert view(restarted, "v")["x"] == "mine"
     assert layer_ids(restarted) == []
-    assert not volume.snapshot_intent.exists()
+    assert not volume.intent(SNAPSHOT).exists()
 
 
 def test_a_snapshot_cut_short_after_its_metadata_is_finished_at_the_next_mount(
@@ -387,10 +440,31 @@ def test_a_snapshot_cut_short_after_its_metadata_is_finished_at_the_next_mount(
     snapshots_of(driver).snapshot("v", "s")
     volume = driver.store.volume("v")
     (layer,) = layer_ids(driver)
-    volume.begin_snapshot(layer)  # as if the crash came before the new upper was made
+    volume.begin(SNAPSHOT, layer)  # as if the crash came before the new upper was made
     volume.upper.rmdir()
     assert view(driver, "v")["x"] == "mine"
-    assert volume.upper.is_dir() and not volume.snapshot_intent.exists()
+    assert volume.upper.is_dir() and not volume.intent(SNAPSHOT).exists()
+
+
+def test_a_rollback_cut_short_is_finished_by_the_next_start(
+    driver: Driver, base: Path, root: Path
+) -> None:
+    driver.create("v", {"base": str(base)})
+    write(driver, "v", {"x": "1"})
+    snapshots_of(driver).snapshot("v", "one")
+    write(driver, "v", {"x": "2"})
+    snapshots_of(driver).snapshot("v", "two")
+    write(driver, "v", {"x": "3", "y": "3"})
+    volume = driver.store.volume("v")
+    (one, _) = driver.store.metadata(volume).layers
+    volume.begin(ROLLBACK, one)  # as if the crash came once one change was thrown away
+    (volume.upper / "y").unlink()
+    restarted = new_driver(root)
+    recover_driver(restarted)
+    assert view(restarted, "v") == {"a": "123", "b": "456", "x": "1"}
+    assert [s.name for s in snapshots_of(restarted).list("v")] == ["one"]
+    assert layer_ids(restarted) == [one]
+    assert not volume.intent(ROLLBACK).exists()
 
 
 def test_start_up_removes_orphaned_layers(driver: Driver, base: Path, root: Path) -> None:
@@ -402,6 +476,23 @@ def test_start_up_removes_orphaned_layers(driver: Driver, base: Path, root: Path
     assert layer_ids(driver) == [
         json.loads((root / "v" / "metadata.json").read_text())["Layers"][0]
     ]
+
+
+def test_no_layer_is_collected_while_a_volume_s_metadata_cannot_be_read(
+    driver: Driver, base: Path, root: Path
+) -> None:
+    driver.create("v", {"base": str(base)})
+    write(driver, "v", {"x": "1"})
+    driver.create("c", {"from": "v"})
+    (layer,) = driver.store.metadata(driver.store.volume("c")).layers
+    metadata = folder(driver, "c") / "metadata.json"
+    listed = metadata.read_bytes()
+    metadata.write_bytes(listed[:20])  # damaged: which layers c uses cannot be told
+    driver.remove("v")
+    recover_driver(new_driver(root))
+    assert layer in layer_ids(driver)
+    metadata.write_bytes(listed)
+    assert view(driver, "c")["x"] == "1"
 
 
 def test_the_mount_stacks_layers_over_the_bases(driver: Driver, bases: list[Path]) -> None:
