@@ -6,14 +6,15 @@ calls one method here and encodes what it returns; a raised PluginError becomes
 `{"Err": ...}`. A Mount is: validate, lock the volume, read its metadata under the
 lock, apply releases still due, first user? then mount, record the use. An Unmount:
 lock, release the record, last user? then unmount. The ordering follows the invariant
-stated in volume.py.
+stated in volume.py, which also lets an Unmount reply once its record is gone, before
+the teardown (SPEC B11).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -201,7 +202,15 @@ class Driver:
         log.debug("mounted volume %s for %s", name, mount_id)
         return overlay.mountpoint_reply(volume)
 
-    def unmount(self, name: str, mount_id: str) -> None:
+    def unmount(self, name: str, mount_id: str, reply: Callable[[], None] | None = None) -> None:
+        """Release one use of `mount_id`; the last one unmounts the overlay.
+
+        With `reply`, the caller answers its client when only the teardown (unmounting,
+        removing the mount folders) is left: `reply` is called then, and the teardown
+        follows, still under the volume's lock, so the next Mount or Remove waits for
+        it (SPEC B11). Its failure is then logged, not raised: the record is gone, so
+        what stays is a stray mount, which the next Mount or start-up takes off.
+        """
         volume = self.store.volume(name)
         _check_mount_id(mount_id)
         locked = False
@@ -220,7 +229,11 @@ class Driver:
                         "failed to update the volume's usage records; it stays mounted", error
                     ) from error
                 if now_unused:
-                    overlay.unmount(volume)
+                    if reply is None:
+                        overlay.unmount(volume)
+                    else:
+                        reply()
+                        _tear_down(volume)
         except (BusyError, InternalError):
             if not locked:
                 # Not even the lock could be taken: keep the release for the next request.
@@ -246,6 +259,20 @@ class Driver:
             mountpoint=overlay.mountpoint_reply(volume) if mounted else "",
             created_at=described[0],
             status={},
+        )
+
+
+def _tear_down(volume: Volume) -> None:
+    """After the Unmount's reply: its overlay.unmount, which can no longer fail the
+    request."""
+    try:
+        overlay.unmount(volume)
+    except InternalError as error:
+        log.error(
+            "volume %s: its teardown after the Unmount failed (a stray mount stays until its "
+            "next Mount or the next start): %s",
+            volume.name,
+            error,
         )
 
 
