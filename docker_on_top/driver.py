@@ -228,12 +228,14 @@ class Driver:
                     raise InternalError(
                         "failed to update the volume's usage records; it stays mounted", error
                     ) from error
+                if now_unused and reply is not None:
+                    # Logged before the reply: the request's last step is then its teardown.
+                    log.debug("unmounted volume %s for %s; its teardown follows", name, mount_id)
+                    reply()
+                    _tear_down(volume)
+                    return
                 if now_unused:
-                    if reply is None:
-                        overlay.unmount(volume)
-                    else:
-                        reply()
-                        _tear_down(volume)
+                    overlay.unmount(volume)
         except (BusyError, InternalError):
             if not locked:
                 # Not even the lock could be taken: keep the release for the next request.
