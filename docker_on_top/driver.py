@@ -121,11 +121,11 @@ class Driver:
     def remove(self, name: str) -> None:
         volume = self.store.volume(name)
         self.store.forget(volume)
-        if not volume.exists():
+        # A folder left by a cut-short create may have no activemounts/ to lock.
+        has_records = volume.records.exists()
+        if not has_records and not volume.exists():
             return
         try:
-            # A folder left by a cut-short create may have no activemounts/ to lock.
-            has_records = volume.records.exists()
             layers: tuple[str, ...] = ()
             with self.store.locked(volume) if has_records else nullcontext():
                 if self.store.layers.folder.is_dir():  # else no volume has layers
