@@ -273,10 +273,10 @@ def remove_at(dir_fd: int, name: str) -> None:
 def remove_tree(path: str | Path) -> None:
     """Remove whatever is at `path`, a whole tree for a directory; nothing when absent.
     The path above the last name is trusted (a folder of ours)."""
-    path = Path(path)
-    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    above, name = os.path.split(os.fspath(path))
+    parent = os.open(above, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        remove_at(parent, path.name)
+        remove_at(parent, name)
     finally:
         os.close(parent)
 
