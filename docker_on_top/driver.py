@@ -6,14 +6,15 @@ calls one method here and encodes what it returns; a raised PluginError becomes
 `{"Err": ...}`. A Mount is: validate, lock the volume, read its metadata under the
 lock, apply releases still due, first user? then mount, record the use. An Unmount:
 lock, release the record, last user? then unmount. The ordering follows the invariant
-stated in volume.py.
+stated in volume.py, which also lets an Unmount reply once its record is gone, before
+the teardown (SPEC B11).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -120,11 +121,11 @@ class Driver:
     def remove(self, name: str) -> None:
         volume = self.store.volume(name)
         self.store.forget(volume)
-        if not volume.exists():
+        # A folder left by a cut-short create may have no activemounts/ to lock.
+        has_records = volume.records.exists()
+        if not has_records and not volume.exists():
             return
         try:
-            # A folder left by a cut-short create may have no activemounts/ to lock.
-            has_records = volume.records.exists()
             layers: tuple[str, ...] = ()
             with self.store.locked(volume) if has_records else nullcontext():
                 if self.store.layers.folder.is_dir():  # else no volume has layers
@@ -203,7 +204,15 @@ class Driver:
         log.debug("mounted volume %s for %s", name, mount_id)
         return overlay.mountpoint_reply(volume)
 
-    def unmount(self, name: str, mount_id: str) -> None:
+    def unmount(self, name: str, mount_id: str, reply: Callable[[], None] | None = None) -> None:
+        """Release one use of `mount_id`; the last one unmounts the overlay.
+
+        With `reply`, the caller answers its client when only the teardown (unmounting,
+        removing the mount folders) is left: `reply` is called then, and the teardown
+        follows, still under the volume's lock, so the next Mount or Remove waits for
+        it (SPEC B11). Its failure is then logged, not raised: the record is gone, so
+        what stays is a stray mount, which the next Mount or start-up takes off.
+        """
         volume = self.store.volume(name)
         _check_mount_id(mount_id)
         locked = False
@@ -221,6 +230,12 @@ class Driver:
                     raise InternalError(
                         "failed to update the volume's usage records; it stays mounted", error
                     ) from error
+                if now_unused and reply is not None:
+                    # Logged before the reply: the request's last step is then its teardown.
+                    log.debug("unmounted volume %s for %s; its teardown follows", name, mount_id)
+                    reply()
+                    _tear_down(volume)
+                    return
                 if now_unused:
                     overlay.unmount(volume)
         except (BusyError, InternalError):
@@ -248,6 +263,20 @@ class Driver:
             mountpoint=overlay.mountpoint_reply(volume) if mounted else "",
             created_at=described[0],
             status={},
+        )
+
+
+def _tear_down(volume: Volume) -> None:
+    """After the Unmount's reply: its overlay.unmount, which can no longer fail the
+    request."""
+    try:
+        overlay.unmount(volume)
+    except InternalError as error:
+        log.error(
+            "volume %s: its teardown after the Unmount failed (a stray mount stays until its "
+            "next Mount or the next start): %s",
+            volume.name,
+            error,
         )
 
 

@@ -120,7 +120,7 @@ def storage_usage(volume: Volume, metadata: Metadata) -> tuple[int, int]:
 def release_storage(volume: Volume) -> None:
     """After the overlay went: unmount a sized volume's storage and remove `limit/`.
     Nothing to do for a volume without a size (it has no `limit/`)."""
-    if not os.path.isdir(volume.limit):
+    if not os.path.isdir(f"{volume.location}/limit"):  # a string: after every last Unmount
         return
     if kernel.is_mount_point(volume.limit):
         remove_tree(volume.limit / "work")

@@ -4,7 +4,8 @@ code), logged here, once.
 
 It knows which requests may block (the server answers those off its event loop) and how
 to undo a Mount whose reply never reached its client; it touches no socket (server.py)
-and frames no HTTP (wire.py).
+and frames no HTTP (wire.py). An Unmount replies before its teardown (SPEC B11): the
+driver says when the reply may go, and the teardown then runs on, after the reply.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = b"application/vnd.docker.plugins.v1.1+json"
 MOUNT = "/VolumeDriver.Mount"
+UNMOUNT = "/VolumeDriver.Unmount"
 # Requests that may wait on a volume's lock or on the kernel; the others only read.
 _MAY_BLOCK = frozenset(
     {
         "/VolumeDriver.Create",
         "/VolumeDriver.Remove",
         MOUNT,
-        "/VolumeDriver.Unmount",
+        UNMOUNT,
         "/VolumeDriver.List",
     }
 )
@@ -57,11 +59,14 @@ class VolumeDriver(Protocol):
     def remove(self, name: str) -> None: ...
     def path(self, name: str) -> str: ...
     def mount(self, name: str, mount_id: str) -> str: ...
-    def unmount(self, name: str, mount_id: str) -> None: ...
+    def unmount(
+        self, name: str, mount_id: str, reply: Callable[[], None] | None = None
+    ) -> None: ...
     def list_volumes(self) -> Sequence[Mountable]: ...
 
 
-Handler = Callable[[Mapping[str, object]], dict[str, object]]
+# A route's second argument replies at once (for the Unmount's teardown to follow).
+Handler = Callable[[Mapping[str, object], Callable[[], None]], dict[str, object]]
 
 
 class PluginAPI:
@@ -75,7 +80,21 @@ class PluginAPI:
     def may_block(request: Request) -> bool:
         return request.path in _MAY_BLOCK
 
-    def answer(self, request: Request) -> Response:
+    def answer(self, request: Request, reply: Callable[[Response], None]) -> None:
+        """Call `reply` once with the response. A route may reply before it ends (an
+        Unmount before its teardown); what fails after that reply is only logged."""
+        replied = False
+
+        def reply_now() -> None:
+            nonlocal replied
+            replied = True
+            reply(_OK)
+
+        response = self._response(request, reply_now)
+        if not replied:
+            reply(response)
+
+    def _response(self, request: Request, reply_now: Callable[[], None]) -> Response:
         path = request.path
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %s %s", path, request.body[:2048].decode("utf-8", "replace"))
@@ -85,7 +104,7 @@ class PluginAPI:
                 raise UserError(f"unknown endpoint {path}")
             if request.method != "POST":
                 raise UserError(f"{path} takes POST, not {request.method}")
-            return _json(200, route(_decode(path, request.body)))
+            return _json(200, route(_decode(path, request.body), reply_now))
         except UserError as error:
             log.info("%s refused: %s", path, error)
             return _json(500, {"Err": str(error)})
@@ -124,6 +143,9 @@ class PluginAPI:
 
 def _json(status: int, document: Mapping[str, object]) -> Response:
     return Response(status, json.dumps(document).encode(), CONTENT_TYPE)
+
+
+_OK = _json(200, {})
 
 
 def _decode(path: str, body: bytes) -> Mapping[str, object]:
@@ -172,32 +194,34 @@ def _volume_json(volume: Mountable) -> dict[str, object]:
 
 
 def _routes(driver: VolumeDriver) -> dict[str, Handler]:
-    def create(body: Mapping[str, object]) -> dict[str, object]:
+    def create(body: Mapping[str, object], _: object) -> dict[str, object]:
         driver.create(_string_field(body, "Name"), _options_field(body))
         return {}
 
-    def remove(body: Mapping[str, object]) -> dict[str, object]:
+    def remove(body: Mapping[str, object], _: object) -> dict[str, object]:
         driver.remove(_string_field(body, "Name"))
         return {}
 
-    def unmount(body: Mapping[str, object]) -> dict[str, object]:
-        driver.unmount(_string_field(body, "Name"), _string_field(body, "ID"))
+    def unmount(body: Mapping[str, object], reply_now: Callable[[], None]) -> dict[str, object]:
+        driver.unmount(_string_field(body, "Name"), _string_field(body, "ID"), reply_now)
         return {}
 
     return {
-        "/Plugin.Activate": lambda _: {"Implements": ["VolumeDriver"]},
-        "/VolumeDriver.Capabilities": lambda _: {"Capabilities": {"Scope": driver.capabilities()}},
+        "/Plugin.Activate": lambda *_: {"Implements": ["VolumeDriver"]},
+        "/VolumeDriver.Capabilities": lambda *_: {"Capabilities": {"Scope": driver.capabilities()}},
         "/VolumeDriver.Create": create,
-        "/VolumeDriver.List": lambda _: {
+        "/VolumeDriver.List": lambda *_: {
             "Volumes": [_volume_json(v) for v in driver.list_volumes()]
         },
-        "/VolumeDriver.Get": lambda body: {
+        "/VolumeDriver.Get": lambda body, _: {
             "Volume": _volume_json(driver.get(_string_field(body, "Name")))
         },
         "/VolumeDriver.Remove": remove,
-        "/VolumeDriver.Path": lambda body: {"Mountpoint": driver.path(_string_field(body, "Name"))},
-        MOUNT: lambda body: {
+        "/VolumeDriver.Path": lambda body, _: {
+            "Mountpoint": driver.path(_string_field(body, "Name"))
+        },
+        MOUNT: lambda body, _: {
             "Mountpoint": driver.mount(_string_field(body, "Name"), _string_field(body, "ID"))
         },
-        "/VolumeDriver.Unmount": unmount,
+        UNMOUNT: unmount,
     }

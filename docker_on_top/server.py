@@ -13,7 +13,9 @@ goes on serving. A worker answers the request, sends the reply itself (so all th
 syscalls of a request, up to its reply, are on one thread; tests/faults counts on it),
 and hands the connection back to the loop through the wake-up pipe; the loop sends what
 did not fit in the socket's buffer. While a worker has a connection, the loop does not
-touch its socket.
+touch its socket. The application may go on working on the worker once it has replied
+(an Unmount's teardown, SPEC B11): the connection is the loop's again meanwhile, and a
+stop waits for that work as for every job of the pool.
 
 Why a pool and not a thread per connection: a connection costs no thread (dockerd keeps
 idle keep-alive connections, and MAX_CONNECTIONS clients may stall), a client that
@@ -41,6 +43,7 @@ import selectors
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Protocol
 
@@ -70,11 +73,18 @@ _DRAIN_READS = 64
 MAX_WORKERS = 64
 
 
+Reply = Callable[[Response], None]
+
+
 class Application(Protocol):
-    """What the server needs of the protocol it serves (see plugin_api.PluginAPI)."""
+    """What the server needs of the protocol it serves (see plugin_api.PluginAPI).
+
+    `answer` calls `reply` once with the response. A request that may block may go on
+    after its reply, on the same thread (see above); one that cannot, may not.
+    """
 
     def may_block(self, request: Request) -> bool: ...
-    def answer(self, request: Request) -> Response: ...
+    def answer(self, request: Request, reply: Reply) -> None: ...
     def refuse(self, reason: str) -> Response: ...
     def undelivered(self, request: Request, response: Response) -> None: ...
 
@@ -332,7 +342,9 @@ class PluginServer:
             self._listen_for(client, 0)
             self._workers.submit(lambda: self._answer_on_worker(client, request))
             return
-        response = self._app.answer(request)
+        self._app.answer(request, lambda response: self._reply_on_loop(client, request, response))
+
+    def _reply_on_loop(self, client: _Client, request: Request, response: Response) -> None:
         client.answered = request, response
         self._reply(client, encode_response(response, keep_alive=request.keep_alive))
 
@@ -349,8 +361,11 @@ class PluginServer:
         client.unsent = memoryview(CONTINUE)[sent:]
 
     def _answer_on_worker(self, client: _Client, request: Request) -> None:
-        """On a worker: answer and send; then hand the connection back to the loop."""
-        response = self._app.answer(request)
+        """On a worker: answer and send, and hand the connection back to the loop; what the
+        application does after its reply runs on here."""
+        self._app.answer(request, lambda response: self._reply_on_worker(client, request, response))
+
+    def _reply_on_worker(self, client: _Client, request: Request, response: Response) -> None:
         reply = bytes(client.unsent) + encode_response(response, keep_alive=request.keep_alive)
         try:
             sent = client.sock.send(reply)

@@ -395,8 +395,8 @@ class Volume:
         """Remove the folder: first out of sight (one rename), then its content, so a
         crash never leaves a half-removed volume that looks like a volume."""
         # Not named after the volume: a name of NAME_MAX bytes leaves no room for a prefix.
-        doomed = self.folder.with_name(f"{REMOVED_PREFIX}{os.urandom(8).hex()}")
-        os.rename(self.folder, doomed)
+        doomed = f"{self._root}/{REMOVED_PREFIX}{os.urandom(8).hex()}"
+        os.rename(self.location, doomed)
         remove_tree(doomed)
 
     def make_mount_folders(self, *, workdir: bool = True) -> list[Path]:
@@ -434,16 +434,18 @@ class Volume:
                 folder.rmdir()
 
     def remove_mount_folders(self) -> None:
+        # Strings, not pathlib: this is the end of every last Unmount (see UsageRecords).
         with suppress(FileNotFoundError):
-            self.mountpoint.rmdir()
+            os.rmdir(f"{self.location}/mountpoint")
+        workdir = f"{self.location}/workdir"
         try:
             # After a clean unmount the kernel leaves only an empty work/ behind.
-            (self.workdir / "work").rmdir()
-            self.workdir.rmdir()
+            os.rmdir(f"{workdir}/work")
+            os.rmdir(workdir)
         except FileNotFoundError:
             pass
         except OSError:
-            remove_tree(self.workdir)
+            remove_tree(workdir)
 
     def discard_changes(self) -> None:
         changes.reset(self.upper)

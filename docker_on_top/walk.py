@@ -197,6 +197,8 @@ def remove_children(cursor: Cursor) -> None:
     subdirectories emptied one by one, then removed."""
 
     def enter(name: str) -> list[str] | None:
+        if _removed_if_empty(cursor.fd, name):
+            return None
         if cursor.down(name) is None:
             # Gone, or no longer a directory (a container's doing meanwhile).
             with suppress(FileNotFoundError):
@@ -209,6 +211,17 @@ def remove_children(cursor: Cursor) -> None:
         os.rmdir(name, dir_fd=cursor.fd)
 
     depth_first(_unlink_all_but_subdirectories(cursor.fd), enter, leave)
+
+
+def _removed_if_empty(dir_fd: int, name: str) -> bool:
+    """rmdir first: an empty directory goes in one call instead of a visit. rmdir never
+    follows a symlink and refuses a mount point, so whatever it does not remove is left
+    to the walk, which handles it as before."""
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        return False
+    return True
 
 
 def _unlink_all_but_subdirectories(dir_fd: int) -> list[str]:
@@ -238,6 +251,8 @@ def remove_at(dir_fd: int, name: str) -> None:
         return
     except IsADirectoryError:
         pass
+    if _removed_if_empty(dir_fd, name):
+        return
     try:
         cursor = Cursor.open_at(dir_fd, name, same_device=True)
     except OSError as error:
@@ -258,10 +273,10 @@ def remove_at(dir_fd: int, name: str) -> None:
 def remove_tree(path: str | Path) -> None:
     """Remove whatever is at `path`, a whole tree for a directory; nothing when absent.
     The path above the last name is trusted (a folder of ours)."""
-    path = Path(path)
-    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    above, name = os.path.split(os.fspath(path))
+    parent = os.open(above, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        remove_at(parent, path.name)
+        remove_at(parent, name)
     finally:
         os.close(parent)
 

@@ -16,10 +16,15 @@ subject to injection is done per syscall and per tracee", strace(1)). So the har
 The counting starts at the attach, and until the request arrives the loop only waits in
 epoll_wait; accepting and reading the connection, and handing the request to a worker,
 are not in the traced set, so the counts are those of the request, all on one thread
-(a worker started for it is traced from its first syscall). The worker's last traced
-call, once the reply is sent, is the byte it writes to the loop's wake-up pipe; strace
-counts it like any write, so it stays among the calls, marked `wake_up`: no fault is
-injected there (a kill there leaves what a kill after the reply leaves).
+(a worker started for it is traced from its first syscall). Once the reply is sent
+(sendto), the worker writes a byte to the loop's wake-up pipe; strace counts it like
+any write, so it stays among the calls, marked `wake_up`: no error is injected there.
+The last Unmount of a volume goes on after that on the same worker: its teardown
+(umount2, the folders' removal) runs after the reply, under the volume's lock (SPEC
+B11). Every call after the reply is marked `after_reply`: a kill there comes after a
+reply of success, and an error there can no longer fail the request. The daemon is
+settled (`wait_settled`) when every thread sleeps and it holds no lock (/proc/locks):
+a teardown holds the volume's lock from before the reply to its end.
 `inject=SYSCALL:signal=KILL:when=N` kills the whole daemon on entering the N-th
 SYSCALL of the request, before it runs (the kernel skips a syscall when a fatal signal
 is pending at syscall entry). `inject=SYSCALL:error=E:when=N` makes it fail with E
@@ -130,6 +135,7 @@ class Call:
     occurrence: int  # 1-based, among the request's calls of this syscall: strace's when=
     text: str
     wake_up: bool = False  # the worker's write to the loop's wake-up pipe
+    after_reply: bool = False  # made once the reply was sent (an Unmount's teardown)
 
     @property
     def mutating(self) -> bool:
@@ -163,6 +169,7 @@ def parse_trace(path: Path, wake_up_fds: frozenset[int]) -> tuple[list[Call], bo
     calls: list[Call] = []
     seen: dict[str, int] = {}
     killed = False
+    replied = False
     tids: set[int] = set()
     for line in path.read_text(errors="replace").splitlines():
         if "+++ killed by SIGKILL" in line:
@@ -181,8 +188,10 @@ def parse_trace(path: Path, wake_up_fds: frozenset[int]) -> tuple[list[Call], bo
                 f"{match['name']}({match['rest']}",
                 wake_up=match["name"] == "write"
                 and int(match["rest"].split(",", 1)[0]) in wake_up_fds,
+                after_reply=replied,
             )
         )
+        replied = replied or match["name"] == "sendto"
     if len(tids) > 1:
         raise AssertionError(f"the request was served on more than one thread: {sorted(tids)}")
     return calls, killed
@@ -226,9 +235,10 @@ MOST_THREADS = 1 + MAX_WORKERS
 
 
 def wait_settled(pid: int, timeout: float = ATTACH_TIMEOUT_S) -> None:
-    """Wait until every thread of the daemon sleeps (no request is being served)."""
+    """Wait until every thread of the daemon sleeps and it holds no lock (no request is
+    being served, no teardown runs after its reply)."""
     deadline = time.monotonic() + timeout
-    while not all(_sleeps(pid, tid) for tid in threads_of(pid)):
+    while _holds_locks(pid) or not all(_sleeps(pid, tid) for tid in threads_of(pid)):
         if time.monotonic() > deadline:
             raise AssertionError(f"daemon {pid} keeps threads busy: {sorted(threads_of(pid))}")
         time.sleep(0.005)
@@ -244,6 +254,12 @@ def wait_idle_threads(pid: int, timeout: float = ATTACH_TIMEOUT_S) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"daemon {pid} keeps threads {sorted(threads_of(pid))}")
         time.sleep(0.05)
+
+
+def _holds_locks(pid: int) -> bool:
+    """Whether the process holds a flock (a volume's lock): /proc/locks names its PID."""
+    with open("/proc/locks") as locks:
+        return any(line.split()[4] == str(pid) for line in locks if " FLOCK " in line)
 
 
 def _sleeps(pid: int, tid: int) -> bool:
@@ -508,7 +524,7 @@ def canonical_order(calls: list[Call]) -> tuple[Call, ...]:
         if call is not None:
             ordered.append(call)
     return tuple(
-        Call(position, c.name, c.occurrence, c.text, c.wake_up)
+        Call(position, c.name, c.occurrence, c.text, c.wake_up, c.after_reply)
         for position, c in enumerate(ordered, 1)
     )
 
@@ -582,14 +598,24 @@ def request_killed_at(
     strace = attach(daemon.pid, [f"{call.name}:signal=KILL:when={call.occurrence}"])
     reply = send(ws.client(), scenario.endpoint, scenario.body(ws))
     try:
-        status: int | None = daemon.process.wait(1 if reply is not None else 10)
+        status: int | None = daemon.process.wait(
+            1 if reply is not None and not call.after_reply else 10
+        )
     except subprocess.TimeoutExpired:
         status = None
     strace.stop()
-    assert reply is None and status == -9, (
-        f"the injection at {call.label} ({call.shown}) was not reached: reply {reply}, "
-        f"exit status {status}\n{daemon.log()}"
-    )
+    if call.after_reply:
+        # An Unmount's teardown (SPEC B11): the reply of success comes first.
+        assert reply is not None and reply.status == 200 and status == -9, (
+            f"the injection at {call.label} ({call.shown}), after the reply, was not "
+            f"reached or the reply did not come first: reply {reply}, exit status {status}"
+            f"\n{daemon.log()}"
+        )
+    else:
+        assert reply is None and status == -9, (
+            f"the injection at {call.label} ({call.shown}) was not reached: reply {reply}, "
+            f"exit status {status}\n{daemon.log()}"
+        )
     calls, killed = strace.calls()
     killed_where_named(
         calls, killed, call, trace.calls, strace.output, f"{scenario.name}-{call.label}"

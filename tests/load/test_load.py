@@ -212,6 +212,7 @@ def check_state(ws: Workspace, plugin: PluginClient, clients: list[LoadClient], 
     assert sorted(os.listdir(ws.root)) == volume_names(), when
     in_use = 0
     for name, counts in expected.items():
+        plugin.wait_for_teardown(name)
         volume = ws.volume(name)
         records = volume.records()
         assert records == {i: {"UsageCount": n} for i, n in counts.items()}, (

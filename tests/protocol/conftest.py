@@ -101,9 +101,15 @@ _UNSET = object()
 
 
 class PluginClient:
-    def __init__(self, socket_path: Path, timeout: float = CALL_TIMEOUT_S) -> None:
+    """A client of the daemon; with its state `root`, `unmount` returns only once the
+    teardown is done as well (see `wait_for_teardown`)."""
+
+    def __init__(
+        self, socket_path: Path, timeout: float = CALL_TIMEOUT_S, root: Path | None = None
+    ) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        self.root = root
 
     def connection(self) -> UnixHTTPConnection:
         return UnixHTTPConnection(self.socket_path, self.timeout)
@@ -163,6 +169,13 @@ class PluginClient:
 
     def unmount(self, name: str, mount_id: str) -> None:
         self.ok("/VolumeDriver.Unmount", {"Name": name, "ID": mount_id})
+        self.wait_for_teardown(name)
+
+    def wait_for_teardown(self, name: str) -> None:
+        """An Unmount replies before its teardown, which holds the volume's lock (SPEC
+        B11): the teardown is done once the lock is free, as the next Mount finds it."""
+        if self.root is not None:
+            wait_for_lock(self.root / name / "activemounts", self.timeout)
 
     def remove(self, name: str) -> None:
         self.ok("/VolumeDriver.Remove", {"Name": name})
@@ -327,6 +340,27 @@ def flock_held(directory: Path) -> Iterator[None]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
+
+
+def wait_for_lock(directory: Path, timeout: float) -> None:
+    """Wait until the flock the daemon takes on a volume's activemounts/ is free (take it
+    and let it go); nothing to wait for when the folder is gone."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{directory} stays locked for over {timeout} s") from None
+                time.sleep(0.001)
     finally:
         os.close(fd)
 
@@ -537,7 +571,7 @@ class Workspace:
         )
 
     def client(self, socket_path: Path | None = None) -> PluginClient:
-        return PluginClient(socket_path or self.socket)
+        return PluginClient(socket_path or self.socket, root=None if socket_path else self.root)
 
     def volume(self, name: str, root: Path | None = None) -> VolumePaths:
         return VolumePaths((root or self.root) / name)

@@ -75,6 +75,7 @@ def test_concurrent_mounts_then_unmounts_of_one_volume(ws: Workspace, client: Pl
     assert [r.status for r in replies] == [200] * USERS, [
         str(r) for r in replies if r.status != 200
     ]
+    client.wait_for_teardown("v")
     assert mounts_at(volume.mountpoint) == []
     assert volume.records() == {}
     assert volume.entries() == {"metadata.json", "upper", "activemounts"}

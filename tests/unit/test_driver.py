@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -262,6 +263,60 @@ def test_last_unmount_removes_mountpoint_and_workdir(driver: Driver, base: Path)
     assert mounted(folder)
     driver.unmount("v", ID_B)
     assert not mounted(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["activemounts", "metadata.json", "upper"]
+
+
+def lock_is_free(folder: Path) -> bool:
+    fd = os.open(folder / "activemounts", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_b11_the_last_unmount_replies_with_its_record_gone_before_the_teardown(
+    driver: Driver, base: Path
+) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    seen: list[tuple[dict[str, int], bool, bool]] = []
+    driver.unmount(
+        "v", ID_A, lambda: seen.append((records(folder), mounted(folder), lock_is_free(folder)))
+    )
+    assert seen == [({}, True, False)]  # record gone, overlay still mounted, lock held
+    assert not mounted(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["activemounts", "metadata.json", "upper"]
+
+
+def test_b11_an_unmount_that_is_not_the_last_replies_once_done(driver: Driver, base: Path) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    driver.mount("v", ID_B)
+    replies: list[None] = []
+    driver.unmount("v", ID_A, lambda: replies.append(None))
+    assert replies == []  # nothing follows: its caller replies when it returns
+    assert records(folder) == {ID_B: 1} and mounted(folder)
+
+
+def test_b11_a_teardown_failing_after_the_reply_is_logged_and_leaves_a_stray_mount(
+    driver: Driver, base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = make_volume(driver, base)
+    driver.mount("v", ID_A)
+    replies: list[None] = []
+    with immutable(folder):  # its mountpoint/ cannot be removed
+        driver.unmount("v", ID_A, lambda: replies.append(None))
+    assert replies == [None]
+    assert records(folder) == {}
+    assert "its teardown after the Unmount failed" in caplog.text
+    assert "Operation not permitted" in caplog.text
+    # The next Mount takes what the teardown left.
+    driver.mount("v", ID_B)
+    assert mounted(folder) and records(folder) == {ID_B: 1}
+    driver.unmount("v", ID_B)
     assert sorted(p.name for p in folder.iterdir()) == ["activemounts", "metadata.json", "upper"]
 
 

@@ -15,9 +15,17 @@ from docker_on_top.wire import Request, Response
 from ..mounts import mounts_under
 
 
+def answer(api: PluginAPI, request: Request) -> Response:
+    """The one response `answer` replies with, once it has returned."""
+    replies: list[Response] = []
+    api.answer(request, replies.append)
+    assert len(replies) == 1, replies
+    return replies[0]
+
+
 def call(api: PluginAPI, path: str, body: object = None, method: str = "POST") -> Response:
     raw = b"" if body is None else json.dumps(body).encode()
-    return api.answer(Request(method, path, raw, keep_alive=True))
+    return answer(api, Request(method, path, raw, keep_alive=True))
 
 
 def document(response: Response) -> object:
@@ -83,15 +91,15 @@ def test_an_undelivered_mount_is_undone_and_nothing_else(
     call(api, "/VolumeDriver.Create", {"Name": "v", "Opts": {"base": str(base)}})
     first = Request("POST", "/VolumeDriver.Mount", b'{"Name": "v", "ID": "c1"}', True)
     again = Request("POST", "/VolumeDriver.Mount", b'{"Name": "v", "ID": "c2"}', True)
-    kept, undone = api.answer(first), api.answer(again)
+    kept, undone = answer(api, first), answer(api, again)
     assert kept.status == undone.status == 200
     api.undelivered(again, undone)
     assert [r.name for r in (root / "v" / "activemounts").iterdir()] == ["c1"]
     assert len(mounts_under(root)) == 1
     # A failed Mount and any other request leave nothing to undo.
     failed = Request("POST", "/VolumeDriver.Mount", b'{"Name": "nothing", "ID": "c1"}', True)
-    api.undelivered(failed, api.answer(failed))
+    api.undelivered(failed, answer(api, failed))
     unmount = Request("POST", "/VolumeDriver.Unmount", b'{"Name": "v", "ID": "c1"}', True)
-    api.undelivered(unmount, api.answer(unmount))
+    api.undelivered(unmount, answer(api, unmount))
     assert list((root / "v" / "activemounts").iterdir()) == []
     assert mounts_under(root) == []

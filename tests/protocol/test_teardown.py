@@ -1,0 +1,151 @@
+"""SPEC B11 through the real socket: an Unmount replies once its record is gone, and the
+overlay's teardown follows, still under the volume's lock; the next Mount waits for it,
+and a stop finishes it.
+
+A teardown is held up without timing anything: the volume has a size limit, so its
+changes live on an ext4 image that the daemon mounts on `limit/`, and the test freezes
+that filesystem (FIFREEZE) while the volume is mounted. The record and the lock are on
+the state root, so the Unmount can answer; its teardown, which must remove the kernel's
+scratch folder from the frozen image, cannot end until the test thaws it. A daemon that
+tore down before replying would send no reply at all while the image is frozen.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+from pathlib import Path
+
+from .conftest import Daemon, PluginClient, Workspace, mounts_at, mounts_under, wait_until
+
+UNMOUNT = "/VolumeDriver.Unmount"
+MOUNT = "/VolumeDriver.Mount"
+# linux/fs.h: _IOWR('X', 119, int) and _IOWR('X', 120, int).
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+# How long a reply may take before the test fails: a reply held back by the frozen
+# teardown never comes.
+REPLY_TIMEOUT_S = 5.0
+
+
+class Frozen:
+    """The filesystem mounted on `folder`, frozen for the `with` block unless thawed
+    before its end."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._fd = -1
+
+    def __enter__(self) -> Frozen:
+        self._fd = os.open(self._folder, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.ioctl(self._fd, FIFREEZE, 0)
+        return self
+
+    def thaw(self) -> None:
+        if self._fd >= 0:
+            fcntl.ioctl(self._fd, FITHAW, 0)
+            os.close(self._fd)
+            self._fd = -1
+
+    def __exit__(self, *_: object) -> None:
+        self.thaw()  # a frozen filesystem would block the clean-up
+
+
+def lock_is_free(activemounts: Path) -> bool:
+    fd = os.open(activemounts, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def sized_volume_in_use(ws: Workspace, client: PluginClient) -> Path:
+    """Volume `v` with a size limit, mounted for c1, holding one change."""
+    client.create("v", ws.base, size="32M")
+    mountpoint = Path(client.mount("v", "c1"))
+    (mountpoint / "change.txt").write_text("made by c1\n")
+    return mountpoint
+
+
+def test_b11_unmount_replies_before_its_teardown_which_keeps_the_lock(
+    ws: Workspace, client: PluginClient
+) -> None:
+    mountpoint = sized_volume_in_use(ws, client)
+    volume = ws.volume("v")
+    quick = PluginClient(ws.socket, timeout=REPLY_TIMEOUT_S)
+    with Frozen(volume.folder / "limit"):
+        reply = quick.call(UNMOUNT, {"Name": "v", "ID": "c1"})
+        assert reply.status == 200 and reply.json == {}, reply
+        # The record went before the reply; the teardown has not ended and holds the lock.
+        assert volume.records() == {}
+        assert not lock_is_free(volume.activemounts)
+        assert mounts_at(volume.folder / "limit") != []
+    client.wait_for_teardown("v")
+    assert mounts_at(mountpoint) == [] and mounts_at(volume.folder / "limit") == []
+    assert "mountpoint" not in volume.entries() and "limit" not in volume.entries()
+
+
+def test_b11_a_mount_during_a_teardown_waits_for_it_and_mounts_the_volume(
+    ws: Workspace, daemon: Daemon, client: PluginClient
+) -> None:
+    mountpoint = sized_volume_in_use(ws, client)
+    volume = ws.volume("v")
+    quick = PluginClient(ws.socket, timeout=REPLY_TIMEOUT_S)
+    mounted: list[object] = []
+    with Frozen(volume.folder / "limit") as ice:
+        assert quick.call(UNMOUNT, {"Name": "v", "ID": "c1"}).status == 200
+        waiter = threading.Thread(target=lambda: mounted.append(client.mount("v", "c2")))
+        waiter.start()
+        # The daemon logs each request when it begins to answer it.
+        wait_until(lambda: '"ID": "c2"' in daemon.log(), "the Mount is being answered")
+        assert mounted == [] and not lock_is_free(volume.activemounts)
+        ice.thaw()
+        waiter.join(10)
+    assert mounted == [f"{mountpoint}/"]
+    assert volume.records() == {"c2": {"UsageCount": 1}}
+    assert [m.fstype for m in mounts_at(mountpoint)] == ["overlay"]
+    assert (mountpoint / "change.txt").read_text() == "made by c1\n"
+    client.unmount("v", "c2")
+    assert mounts_under(volume.folder) == []
+
+
+def test_b11_a_mount_right_after_an_unmount_on_one_connection_works(
+    ws: Workspace, client: PluginClient
+) -> None:
+    client.create("v", ws.base)
+    volume = ws.volume("v")
+    mountpoint = Path(client.mount("v", "c1"))
+    (mountpoint / "change.txt").write_text("made by c1\n")
+    connection = client.connection()
+    try:
+        assert client.call(UNMOUNT, {"Name": "v", "ID": "c1"}, connection=connection).json == {}
+        reply = client.call(MOUNT, {"Name": "v", "ID": "c2"}, connection=connection)
+    finally:
+        connection.close()
+    assert reply.status == 200 and reply.json == {"Mountpoint": f"{mountpoint}/"}, reply
+    assert volume.records() == {"c2": {"UsageCount": 1}}
+    assert [m.fstype for m in mounts_at(mountpoint)] == ["overlay"]
+    assert (mountpoint / "change.txt").read_text() == "made by c1\n"
+
+
+def test_b11_b9_a_stop_finishes_the_teardown_under_way(
+    ws: Workspace, daemon: Daemon, client: PluginClient
+) -> None:
+    mountpoint = sized_volume_in_use(ws, client)
+    volume = ws.volume("v")
+    quick = PluginClient(ws.socket, timeout=REPLY_TIMEOUT_S)
+    with Frozen(volume.folder / "limit") as ice:
+        assert quick.call(UNMOUNT, {"Name": "v", "ID": "c1"}).status == 200
+        daemon.signal(signal.SIGTERM)
+        wait_until(lambda: not ws.socket.exists(), "the stop has begun (the socket is gone)")
+        assert daemon.process.poll() is None, "the daemon quit with a teardown under way"
+        ice.thaw()
+    assert daemon.wait_exit() == 0, daemon.log()
+    assert mounts_at(mountpoint) == [] and mounts_under(volume.folder) == []
+    assert volume.records() == {}
+    assert "mountpoint" not in volume.entries() and "limit" not in volume.entries()
