@@ -841,6 +841,7 @@ def run(
             time.sleep(0.2)
             memory["after_20k_requests"] = process_memory(bench.pid)
             memory["load"] = [first, second]
+            memory["before_load"] = before
             rss = [
                 (figures or {}).get("vmrss_mib")
                 for figures in (before, memory["after_10k_requests"], memory["after_20k_requests"])
@@ -848,6 +849,7 @@ def run(
             if None not in rss:
                 memory["growth_first_10k_mib"] = round(rss[1] - rss[0], 2)
                 memory["growth_second_10k_mib"] = round(rss[2] - rss[1], 2)
+                memory["growth_20k_mib"] = round(rss[2] - rss[0], 2)
         results["memory"] = memory
         if "scale" in parts and scale > 0:
             log(f"scale: {scale} volumes")
