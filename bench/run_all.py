@@ -291,7 +291,7 @@ def targets(results: dict) -> list[dict]:
                 "Create p50 <= Go + fsync of metadata.json and its folder",
                 keep["Create"]["p50"], limit, "µs", go=go_create, factor=1.0,
                 note="fsync not measured" if fsync is None else
-                f"Go {go_create} µs + fsync {fsync:.0f} µs measured in this run on the state "
+                f"Go {go_create:g} µs + fsync {fsync:.0f} µs measured in this run on the state "
                 "root's filesystem",
             )
         )  # fmt: skip
@@ -325,7 +325,6 @@ def targets(results: dict) -> list[dict]:
         _relative(
             "docker run: our volume <= the Go original's volume", ours_docker,
             go["docker_run_ms"], 1.0, "ms",
-            "" if go["docker_run_ms"] else "needs --compare and a dockerd",
         )
     )  # fmt: skip
     found.append(
