@@ -74,7 +74,7 @@ GO_REFERENCE_BURSTS_MS = {"many_volumes": (59.0, 62.0)}
 FLOOR_REFERENCE_US = {"mount": 370, "unmount": 1500}  # the floor, for context only
 STARTUP_FIRST_ANSWER_S = 1.0
 RSS_IDLE_LIMIT_MB = 25.0
-RSS_FLAT_LIMIT_MB = 0.5  # "flat": what 20,000 requests may add, after the warm-up
+RSS_FLAT_LIMIT_MB = 0.5  # "flat": what 20,000 requests may add, after 1,000 to warm up
 MB = 1_000_000 / (1 << 20)  # one MB in MiB
 SCRATCH_PARENT = "/var/tmp"
 TMPFS_PARENT = "/dev/shm"
@@ -534,7 +534,7 @@ def report(results: dict) -> str:
         lines.append("")
         for key, label in (
             ("idle", "idle (after the rounds)"),
-            ("before_load", "before 20,000 requests"),
+            ("before_load", "before 20,000 requests (warm)"),
             ("after_10k_requests", "after 10,000 of them"),
             ("after_20k_requests", "after 20,000 of them"),
         ):
