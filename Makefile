@@ -22,8 +22,10 @@ PLUGIN ?= docker-on-top
 plugin:
 	$(PYTHON) packaging/plugin/build.py --install $(PLUGIN)
 
-# Benchmarks (needs root): prints a table, writes bench/results/latest.json; never fails on
-# the figures. The docker-level part uses the dockerd that answers `docker info`, else it
-# skips; BENCH_ARGS=--private-dockerd lets it start its own, --quick makes it short.
+# Benchmarks (needs root): prints a table and issue 16's targets (met / MISSED / n/a),
+# writes bench/results/latest.json; never fails on the figures. The docker-level part uses
+# the dockerd that answers `docker info`, else it skips; BENCH_ARGS=--private-dockerd lets
+# it start its own, --quick makes it short, "--compare SOCK --compare-state-dir DIR"
+# measures the Go original serving on SOCK in the same run (docs/performance.md).
 bench:
 	$(PYTHON) bench/run_all.py $(BENCH_ARGS)

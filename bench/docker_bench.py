@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Under dockerd: what a volume plugin adds to `docker run`, against Docker's own mounts.
 
-    python3 bench/docker_bench.py --driver NAME [--rounds 20] [--json FILE]
+    python3 bench/docker_bench.py --driver NAME [--compare-driver GO] [--rounds 20]
+                                  [--json FILE]
 
-Times `docker run --rm --network none -v SRC:/d IMAGE true` with three kinds of SRC, in
-interleaved rounds (the order rotates every round, so drift hits all kinds alike):
+Times `docker run --rm --network none -v SRC:/d IMAGE true` with three or four kinds of
+SRC, in interleaved rounds (the order rotates every round, so drift hits all kinds alike):
 
   plugin         a volume of the plugin serving as driver NAME (-o base=BASE)
+  go_plugin      with --compare-driver GO, a volume of that other plugin (the Go
+                 original), already serving where the dockerd finds it
   local_overlay  a `local`-driver volume that mounts the same overlay itself
                  (-o type=overlay -o device=overlay -o o=lowerdir=BASE,upperdir=..,workdir=..)
   bind           a bind mount of BASE
@@ -38,7 +41,7 @@ from pathlib import Path
 import kernel_floor
 
 BUSYBOX = "/bin/busybox"
-KINDS = ("plugin", "local_overlay", "bind")
+KINDS = ("plugin", "go_plugin", "local_overlay", "bind")
 # The dockerd to talk to: None for the default one (DOCKER_HOST or /var/run/docker.sock).
 docker_host: str | None = None
 
@@ -156,7 +159,12 @@ def _run_container(name: str, mount: str, image: str, command: list[str]) -> flo
 
 
 def run(
-    driver: str, *, rounds: int = 20, warmup: int = 2, parent: str | None = None
+    driver: str,
+    *,
+    compare_driver: str | None = None,
+    rounds: int = 20,
+    warmup: int = 2,
+    parent: str | None = None,
 ) -> dict[str, object]:
     version = dockerd_version()
     if version is None:
@@ -193,14 +201,20 @@ def run(
             "local_overlay": f"{local_volume}:/d",
             "bind": f"{base}:/d",
         }
+        if compare_driver is not None:
+            go_volume = f"{prefix}-go"
+            docker("volume", "create", "--driver", compare_driver, "-o", f"base={base}", go_volume)
+            volumes.append(go_volume)
+            mounts["go_plugin"] = f"{go_volume}:/d"
+        kinds = tuple(kind for kind in KINDS if kind in mounts)
         # Each kind shows the base's files before anything is timed.
         for kind, mount in mounts.items():
             _run_container(f"{prefix}-check-{kind}", mount, image, ["test", "-f", "/d/file0.txt"])
-        samples: dict[str, list[float]] = {kind: [] for kind in KINDS}
-        log(f"{rounds} interleaved rounds after {warmup} warm-up ones")
+        samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+        log(f"{rounds} interleaved rounds of {', '.join(kinds)} after {warmup} warm-up ones")
         for round_index in range(warmup + rounds):
-            shift = round_index % len(KINDS)
-            for kind in KINDS[shift:] + KINDS[:shift]:
+            shift = round_index % len(kinds)
+            for kind in kinds[shift:] + kinds[:shift]:
                 seconds = _run_container(
                     f"{prefix}-{round_index}-{kind}", mounts[kind], image, ["true"]
                 )
@@ -210,6 +224,19 @@ def run(
         paired = [
             plugin - local for plugin, local in zip(samples["plugin"], samples["local_overlay"])
         ]
+        compared: dict[str, object] = {}
+        if "go_plugin" in medians:
+            compared = {
+                "compare_driver": compare_driver,
+                "ratio_plugin_to_go_plugin": round(medians["plugin"] / medians["go_plugin"], 4),
+                "median_paired_difference_plugin_minus_go_ms": round(
+                    statistics.median(
+                        plugin - go for plugin, go in zip(samples["plugin"], samples["go_plugin"])
+                    )
+                    * 1000,
+                    1,
+                ),
+            }
         return {
             "dockerd": version,
             "rounds": rounds,
@@ -227,6 +254,7 @@ def run(
             "median_paired_difference_plugin_minus_local_ms": round(
                 statistics.median(paired) * 1000, 1
             ),
+            **compared,
         }
     except (RuntimeError, subprocess.TimeoutExpired) as error:
         return {"skipped": f"the docker-level part failed: {error}"}
@@ -252,19 +280,31 @@ def table(results: dict[str, object]) -> str:
         f"{results['rounds']} interleaved rounds",
     ]
     for kind in KINDS:
-        lines.append(f"  {kind:<16}{medians[kind]:8.1f} ms")
+        if kind in medians:
+            lines.append(f"  {kind:<16}{medians[kind]:8.1f} ms")
     lines.append(
         f"  plugin / local overlay {results['ratio_plugin_to_local_overlay']:.3f}"
         f"   plugin / bind {results['ratio_plugin_to_bind']:.3f}"
         "   paired difference plugin - local "
         f"{results['median_paired_difference_plugin_minus_local_ms']} ms"
     )
+    if "ratio_plugin_to_go_plugin" in results:
+        lines.append(
+            f"  plugin / Go original's plugin {results['ratio_plugin_to_go_plugin']:.3f}"
+            "   paired difference plugin - Go "
+            f"{results['median_paired_difference_plugin_minus_go_ms']} ms"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--driver", required=True, help="driver name the plugin serves as")
+    parser.add_argument(
+        "--compare-driver",
+        metavar="GO",
+        help="also time a volume of this other plugin (the Go original), already serving",
+    )
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the results to this file")
@@ -285,7 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if private is not None:
             private.start()
-        results = run(arguments.driver, rounds=arguments.rounds, warmup=arguments.warmup)
+        results = run(
+            arguments.driver,
+            compare_driver=arguments.compare_driver,
+            rounds=arguments.rounds,
+            warmup=arguments.warmup,
+        )
     finally:
         if private is not None:
             private.stop()

@@ -12,6 +12,12 @@ fresh volumes) and times two levels of work:
           read metadata.json, scan activemounts/, write the record atomically (write a
           temporary file, rename) / read it, unlink it and scan activemounts/ again.
 
+A third measure is what durability adds to a Create (SPEC B2), timed alone on a fresh
+volume folder each time: the fsync of a just written metadata.json, then, after its
+rename into place, the fsync of the volume's folder (`create_fsync`); and the fsync of
+the parent folder (the state root) that makes the new folder itself durable
+(`create_fsync_root`).
+
 Besides wall time it records this thread's CPU time (user + system) for each step, which
 does not count waiting for a core and so compares with the daemon's CPU time per request
 on a busy machine too.
@@ -40,6 +46,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 PINNED_OFF = "index=off,metacopy=off,redirect_dir=off,xino=off"
+KEYS = (
+    "mount_bare",
+    "unmount_bare",
+    "mount_state",
+    "unmount_state",
+    "create_fsync",
+    "create_fsync_root",
+)
 
 
 def _mount(source: bytes, target: bytes, options: bytes) -> None:
@@ -149,15 +163,58 @@ def measure(workspace: Path, *, iterations: int = 300, warmup: int = 20) -> dict
                 cpu_samples[f"mount_{level}"].append(mount_cpu)
                 cpu_samples[f"unmount_{level}"].append(unmount_cpu)
             shutil.rmtree(folder)
+    fsync_samples = create_fsync(workspace, metadata, iterations=iterations, warmup=warmup)
     return {
         "iterations": iterations,
         "warmup": warmup,
         "options": f"lowerdir=...,upperdir=...,workdir=...,{PINNED_OFF}",
         **{key: _summary(values) for key, values in samples.items()},
+        **{key: _summary(values) for key, values in fsync_samples.items()},
         "cpu_mean_us": {
             key: round(statistics.fmean(values) / 1000, 1) for key, values in cpu_samples.items()
         },
     }
+
+
+def create_fsync(
+    workspace: Path, metadata: bytes, *, iterations: int, warmup: int
+) -> dict[str, list[int]]:
+    """The fsyncs of a Create, in the order the daemon makes them, each folder fresh:
+    metadata.json's data, its folder after the rename, and the folder's parent."""
+    parent = workspace / "created"
+    parent.mkdir()
+    samples: dict[str, list[int]] = {"create_fsync": [], "create_fsync_root": []}
+    clock = time.perf_counter_ns
+    for iteration in range(warmup + iterations):
+        folder = parent / f"volume-{iteration}"
+        folder.mkdir(mode=0o700)
+        (folder / "upper").mkdir()
+        (folder / "activemounts").mkdir()
+        staging = folder / ".metadata.json.tmp"
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        os.write(fd, metadata)
+        started = clock()
+        os.fsync(fd)
+        file_ns = clock() - started
+        os.close(fd)
+        os.rename(staging, folder / "metadata.json")
+        folder_ns = _timed_directory_fsync(folder)
+        root_ns = _timed_directory_fsync(parent)
+        if iteration >= warmup:
+            samples["create_fsync"].append(file_ns + folder_ns)
+            samples["create_fsync_root"].append(root_ns)
+    shutil.rmtree(parent)
+    return samples
+
+
+def _timed_directory_fsync(directory: Path) -> int:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        started = time.perf_counter_ns()
+        os.fsync(fd)
+        return time.perf_counter_ns() - started
+    finally:
+        os.close(fd)
 
 
 def unmount_under(folder: Path) -> int:
@@ -194,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.json:
         arguments.json.write_text(json.dumps(results, indent=2) + "\n")
     print("Kernel floor (µs)           p50    p90    p99")
-    for key in ("mount_bare", "unmount_bare", "mount_state", "unmount_state"):
+    for key in KEYS:
         figures = results[key]
         print(f"  {key:<22}{figures['p50']:>8.0f} {figures['p90']:>6.0f} {figures['p99']:>6.0f}")
     return 0
