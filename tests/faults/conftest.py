@@ -38,6 +38,7 @@ from .harness import (
     FAILING,
     FULL,
     SCENARIOS,
+    TRACED,
     Call,
     CleanTrace,
     Scenario,
@@ -137,8 +138,9 @@ class Tracer:
         self.ws = ws
         self.started: list[Strace] = []
 
-    def attach(self, pid: int, injections: list[str]) -> Strace:
-        strace = Strace(pid, injections, self.ws.logs / f"strace-{len(self.started)}.trace")
+    def attach(self, pid: int, injections: list[str], traced: tuple[str, ...] = TRACED) -> Strace:
+        output = self.ws.logs / f"strace-{len(self.started)}.trace"
+        strace = Strace(pid, injections, output, traced)
         self.started.append(strace)
         return strace
 

@@ -13,7 +13,9 @@ started again, without strace, on the same state root, and:
 * the volume mounts and unmounts normally, a regular volume keeps every change made
   through its mount before the crash, a volatile one discards them at its next mount;
 * once every running container has stopped, the volume is unmounted and clean (only
-  the crashed request's own count may be left, as dockerd never gets its answer).
+  the crashed request's own count may be left, as dockerd never gets its answer): for
+  a sized volume, its storage is unmounted too and no loop device is left attached to
+  its image; a Create's image is either a whole filesystem or gone with its volume.
 
 By default one case runs per distinct state a crash can leave (a kill before each call
 that changes the disk or the mount table, and one after the last such call);
@@ -33,6 +35,7 @@ from .harness import (
     CRASHED,
     SUCCEEDED,
     Expectation,
+    connect_ahead,
     fresh_daemon,
     invariant_violations,
     log_on_failure,
@@ -57,8 +60,9 @@ def test_crash_at_step(ws: Workspace, tracer: Tracer, crash_point: CrashPoint | 
     if call is None:
         counts = trace.counts()
         injections = [f"{name}:signal=KILL:when={n + 1}" for name, n in counts.items()]
-        strace = tracer.attach(daemon.pid, injections)
-        reply = send(client, scenario.endpoint, scenario.body(ws))
+        connection = connect_ahead(scenario, client, daemon.pid)
+        strace = tracer.attach(daemon.pid, injections, scenario.traced)
+        reply = send(client, scenario.endpoint, scenario.body(ws), connection)
         assert reply is not None and reply.status == 200, (
             f"{scenario.name}: with a kill one call past the clean count of every syscall "
             f"the request must complete: {reply}\n{daemon.log()}"
@@ -75,8 +79,10 @@ def test_crash_at_step(ws: Workspace, tracer: Tracer, crash_point: CrashPoint | 
             )
         return
 
-    strace = tracer.attach(daemon.pid, [f"{call.name}:signal=KILL:when={call.occurrence}"])
-    reply = send(client, scenario.endpoint, scenario.body(ws))
+    injection = f"{call.name}:signal=KILL:when={call.occurrence}"
+    connection = connect_ahead(scenario, client, daemon.pid)
+    strace = tracer.attach(daemon.pid, [injection], scenario.traced)
+    reply = send(client, scenario.endpoint, scenario.body(ws), connection)
     try:
         status: int | None = daemon.process.wait(1 if reply is not None else 10)
     except subprocess.TimeoutExpired:
