@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from . import kernel, overlay
+from .commands import settle_snapshot
 from .errors import BusyError, InternalError, PluginError, UserError
 from .options import creation
 from .releases import PendingReleases, release_one, usage_count
@@ -164,10 +165,7 @@ class Driver:
                 raise InternalError("failed to read the volume's usage records", error) from error
             mounted_here = False
             if first_user:
-                try:
-                    self.store.layers.settle_snapshot(volume, metadata.layers)
-                except (OSError, ValueError) as error:
-                    raise InternalError("failed to settle a snapshot cut short", error) from error
+                settle_snapshot(self.store, volume, metadata)
                 if overlay.free_mountpoint(volume):
                     overlay.mount(self.store, volume, metadata, discard=True)
                     mounted_here = True

@@ -8,7 +8,9 @@ What uses a layer is derived from the volumes' metadata alone ("Layers"), and fr
 snapshot a crash cut short (a volume's `snapshot.json`, which names the layer its
 changes went to): never from a counter a crash could get wrong. A layer nothing uses is
 an orphan, removed by the next collection. Freezing is one rename of a volume's upper,
-so it costs the same for no change as for a million.
+so it costs the same for no change as for a million. A sized volume's upper lives in its
+image, where a layer cannot (a layer is no part of the size limit): it is copied out
+instead, into a staging folder that becomes the layer's tree once it is on disk.
 
 The folder's flock serialises whatever adds a use of a layer (a snapshot, a clone) with
 whatever removes layers (a collection); callers take it after any volume's lock.
@@ -20,12 +22,12 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import kernel
+from . import changes, kernel
 from .volume import Volume, fsync_directory, write_atomically
 from .walk import remove_tree
 
@@ -70,7 +72,25 @@ class LayerStore:
     def freeze(self, layer: str, upper: Path, info: LayerInfo) -> None:
         """Under the lock: move `upper` into the new layer `layer` (one rename). The
         caller then lists the layer in the volume's metadata and makes a new upper."""
-        folder = self.folder / layer
+        folder = self._new_layer(info)
+        os.rename(upper, folder / "tree")
+        fsync_directory(upper.parent)
+        fsync_directory(folder)
+
+    def copy_in(self, upper: Path, info: LayerInfo) -> None:
+        """Under the lock: copy `upper` (a sized volume's, in its image) into the new
+        layer `info.id`, on disk before it is named `tree`: a crash leaves a layer
+        without a tree, which no volume can use. The caller then lists the layer in the
+        volume's metadata and empties the upper."""
+        folder = self._new_layer(info)
+        staging = folder / ".tree.partial"
+        changes.copy_upper(upper, staging)
+        kernel.sync_filesystem(staging)
+        os.rename(staging, folder / "tree")
+        fsync_directory(folder)
+
+    def _new_layer(self, info: LayerInfo) -> Path:
+        folder = self.folder / info.id
         os.mkdir(folder, 0o700)
         description = {
             "Volume": info.volume,
@@ -83,9 +103,7 @@ class LayerStore:
             folder / ".layer.json.tmp",
             durable=True,
         )
-        os.rename(upper, folder / "tree")
-        fsync_directory(upper.parent)
-        fsync_directory(folder)
+        return folder
 
     def thaw(self, layer: str, upper: Path) -> None:
         """Undo `freeze` of a snapshot that never reached the volume's metadata: the
@@ -96,19 +114,34 @@ class LayerStore:
             fsync_directory(upper.parent)
         self.remove(layer)
 
-    def settle_snapshot(self, volume: Volume, listed: Iterable[str]) -> None:
+    def settle_snapshot(
+        self,
+        volume: Volume,
+        listed: Iterable[str],
+        empty_image_upper: Callable[[], None] | None = None,
+    ) -> None:
         """Under the volume's lock: finish or undo a snapshot of it that a crash cut
         short. Listed in the metadata (`listed`): it happened, so the volume gets its new
-        empty upper; else its changes go back from the layer to its upper."""
+        empty upper; else its changes go back from the layer to its upper.
+
+        A sized volume passes `empty_image_upper`, which empties the upper in its image:
+        there its changes were copied, not moved, so finishing is emptying the upper
+        (the same changes over themselves until then: the view is the same), and undoing
+        is removing the layer."""
         layer = volume.snapshot_in_progress()
         if layer is None:
             return
         if layer in listed:
-            if not volume.upper.exists():
+            if empty_image_upper is not None:
+                empty_image_upper()
+            elif not volume.upper.exists():
                 make_upper_like(self.tree(layer), volume.upper)
             log.warning("volume %s: finished a snapshot that was cut short", volume.name)
         else:
-            self.thaw(layer, volume.upper)
+            if empty_image_upper is not None:
+                self.remove(layer)
+            else:
+                self.thaw(layer, volume.upper)
             log.warning("volume %s: undid a snapshot that was cut short", volume.name)
         volume.end_snapshot()
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import kernel, overlay
-from .commands import VIEW_PREFIX
+from .commands import VIEW_PREFIX, settle_snapshot
 from .errors import InternalError, PluginError
 from .releases import PendingReleases
 from .snapshots import VolumeSnapshots
@@ -118,7 +118,7 @@ def _settle_snapshot(store: VolumeStore, volume: Volume) -> None:
         if volume.snapshot_in_progress() is None:
             return
         with volume.records.lock():
-            store.layers.settle_snapshot(volume, store.metadata(volume).layers)
+            settle_snapshot(store, volume, store.metadata(volume))
     except (PluginError, OSError, ValueError) as error:
         log.warning(
             "volume %s: cannot settle a snapshot that was cut short: %s", volume.name, error
