@@ -75,6 +75,7 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
                 volume.write_unreleased({})
                 volume.remove_mount_folders()
                 overlay.release_storage(volume)
+                overlay.detach_devices(volume)
         except OSError as error:
             raise InternalError(f"cannot recover volume {volume.name}", error) from error
         report.cleaned.append(volume.name)
@@ -127,9 +128,11 @@ def _settle_snapshot(store: VolumeStore, volume: Volume) -> None:
 
 def _release_storage(volume: Volume) -> None:
     """A sized volume's storage left mounted with no overlay over it (a crash between
-    the two unmounts): unmounted, so that nothing stays attached."""
+    the two unmounts): unmounted, and its image's loop devices detached, so that nothing
+    stays attached."""
     try:
         overlay.release_storage(volume)
+        overlay.detach_devices(volume)
     except OSError as error:
         log.warning("volume %s: cannot unmount its storage: %s", volume.name, error)
 

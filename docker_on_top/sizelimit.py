@@ -126,8 +126,9 @@ def check_size(size_bytes: int) -> None:
         )
 
 
-def _run(tool: str, *arguments: str) -> str:
-    """Run an e2fsprogs command; its standard output. ToolFailed with what it said."""
+def _run(tool: str, *arguments: str, pass_fds: tuple[int, ...] = ()) -> str:
+    """Run an e2fsprogs command (with the descriptors `pass_fds`); its standard output.
+    ToolFailed with what it said."""
     try:
         completed = subprocess.run(
             [tool, *arguments],
@@ -135,6 +136,7 @@ def _run(tool: str, *arguments: str) -> str:
             capture_output=True,
             text=True,
             check=False,
+            pass_fds=pass_fds,
         )
     except FileNotFoundError:
         raise ToolFailed(f"{tool} is not installed (it comes with e2fsprogs)") from None
@@ -163,7 +165,10 @@ def make_image(path: Path, size_bytes: int) -> None:
                 f"a size of {size_bytes} bytes is larger than the host filesystem takes "
                 f"in one file ({path.parent})"
             ) from None
-        _run("mkfs.ext4", *_MKFS_OPTIONS, os.path.abspath(path))
+        # By its descriptor, not its path: mkfs.ext4 outlives a daemon killed meanwhile,
+        # and by the time it opens the path, a restart may have removed the half-made
+        # volume and a retried Create put a new image there, which it must not write.
+        _run("mkfs.ext4", *_MKFS_OPTIONS, f"/proc/self/fd/{fd}", pass_fds=(fd,))
         os.fsync(fd)  # the new filesystem is on the disk before a caller records it
     except BaseException:
         os.unlink(path)

@@ -227,3 +227,39 @@ def test_a_restart_releases_storage_left_mounted(
     assert str(folder / "size.img") not in backing_files()
     client.mount("v", "c1")
     client.unmount("v", "c1")
+
+
+def test_a_restart_detaches_a_device_left_without_autoclear(
+    ws: Workspace, daemon: Daemon, client: PluginClient
+) -> None:
+    """Where the kernel lacks LOOP_CONFIGURE a device is bound in two steps, and a crash
+    between them leaves it attached without AUTOCLEAR: nothing would ever detach it."""
+    import fcntl
+
+    from docker_on_top import loopdev
+
+    client.create("v", ws.base, size="16M")
+    image = ws.volume("v").folder / "size.img"
+    daemon.kill()
+    control = os.open("/dev/loop-control", os.O_RDWR)
+    backing = os.open(image, os.O_RDWR)
+    try:
+        number = fcntl.ioctl(control, loopdev._LOOP_CTL_GET_FREE)
+        device = loopdev._open_device(number, os.O_RDWR)
+        try:
+            fcntl.ioctl(device, loopdev._LOOP_SET_FD, backing)  # the first step only
+        finally:
+            os.close(device)
+    finally:
+        os.close(backing)
+        os.close(control)
+    try:
+        assert str(image) in backing_files()
+        ws.start()
+        assert str(image) not in backing_files()
+        client.mount("v", "c1")
+        client.unmount("v", "c1")
+        assert str(image) not in backing_files()
+    finally:
+        if str(image) in backing_files():
+            loopdev.detach(number)
