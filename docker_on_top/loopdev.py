@@ -203,12 +203,35 @@ def detach(number: int) -> None:
     except FileNotFoundError:  # the device itself is gone
         return
     try:
+        _clear(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def detached_after(numbers: list[int]) -> Iterator[None]:
+    """Hold the devices open while the block runs (unmounting what is mounted from
+    them), then detach them. Held open, none detaches itself meanwhile nor can be given
+    another file, so the devices detached are those named, whenever the kernel lets go
+    of what the block unmounted (a lazy unmount lets go in the background)."""
+    held: list[int] = []
+    try:
+        for number in numbers:
+            held.append(_open_device(number, os.O_RDONLY))
+        yield
+        for fd in held:
+            _clear(fd)
+    finally:
+        for fd in held:
+            os.close(fd)  # the last close of a cleared device detaches it
+
+
+def _clear(fd: int) -> None:
+    try:
         fcntl.ioctl(fd, _LOOP_CLR_FD, 0)
     except OSError as error:
         if error.errno != errno.ENXIO:  # not attached
             raise
-    finally:
-        os.close(fd)
 
 
 def backed_by(backing: Path) -> list[int]:

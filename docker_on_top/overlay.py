@@ -184,15 +184,16 @@ def free_mountpoint(volume: Volume) -> bool:
 def detach_everything(volume: Volume) -> None:
     """Before the volume's folder goes: force and detach whatever is mounted on it (the
     overlay, then a sized volume's storage), and the loop devices of its image."""
-    for mounted in (volume.mountpoint, volume.limit):
-        for _ in range(_MAX_STACKED_MOUNTS):
-            if not kernel.is_mount_point(mounted):
-                break
-            log.warning("volume %s: %s is still mounted; detaching it", volume.name, mounted)
-            kernel.unmount(mounted, flags=kernel.MNT_FORCE | kernel.MNT_DETACH)
-        else:
-            raise OSError(errno.EBUSY, "stays mounted", str(mounted))
-    detach_devices(volume)
+    devices = loopdev.backed_by(volume.image) if os.path.exists(volume.image) else []
+    with loopdev.detached_after(devices):
+        for mounted in (volume.mountpoint, volume.limit):
+            for _ in range(_MAX_STACKED_MOUNTS):
+                if not kernel.is_mount_point(mounted):
+                    break
+                log.warning("volume %s: %s is still mounted; detaching it", volume.name, mounted)
+                kernel.unmount(mounted, flags=kernel.MNT_FORCE | kernel.MNT_DETACH)
+            else:
+                raise OSError(errno.EBUSY, "stays mounted", str(mounted))
 
 
 def detach_devices(volume: Volume) -> None:

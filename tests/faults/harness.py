@@ -573,8 +573,8 @@ class CleanTrace:
         kill before each call that changes the disk or the mount table, and one right
         after the last such call (a kill before a read, a log line or a lock leaves the
         same state as the kill before the next change)."""
-        if FULL:
-            return list(self.calls)
+        if FULL:  # but the wake-up write: a kill there is one after the reply
+            return [call for call in self.calls if not call.wake_up]
         changing = [index for index, call in enumerate(self.calls) if call.mutating]
         if not changing:
             return list(self.calls[:1])
