@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,8 +92,8 @@ def base(workspace: Path) -> Path:
 
 
 def change_everything(mountpoint: Path) -> None:
-    """A new file (mode, owner), a deletion (a whiteout), a folder made again (opaque),
-    a hard link, a symlink."""
+    """A new file (mode, owner, times), a deletion (a whiteout), a folder made again
+    (opaque), a hard link, a symlink, a FIFO."""
     (mountpoint / "new").write_text("new")
     os.chmod(mountpoint / "new", 0o640)
     os.chown(mountpoint / "new", 1234, 5678)
@@ -105,6 +106,7 @@ def change_everything(mountpoint: Path) -> None:
     (mountpoint / "dir" / "fresh").write_text("fresh")
     os.link(mountpoint / "new", mountpoint / "dir" / "also-new")
     os.symlink("new", mountpoint / "link")
+    os.mkfifo(mountpoint / "fifo")  # copied as a FIFO, never opened
 
 
 SEEN = {"dir/also-new": "new", "dir/fresh": "fresh", "kept": "kept", "link": "new", "new": "new"}
@@ -128,6 +130,7 @@ def test_a_snapshot_copies_the_changes_out_of_the_image_and_empties_its_upper(
     whiteout = os.lstat(tree / "gone")
     assert os.major(whiteout.st_rdev) == 0 and os.minor(whiteout.st_rdev) == 0
     assert os.readlink(tree / "link") == "new"
+    assert stat.S_ISFIFO(os.lstat(tree / "fifo").st_mode)
     assert not (driver.store.layers.folder / layer / ".tree.partial").exists()
     with image_upper(driver, "v") as upper:
         assert os.listdir(upper) == []
