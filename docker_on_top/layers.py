@@ -72,25 +72,25 @@ class LayerStore:
     def freeze(self, layer: str, upper: Path, info: LayerInfo) -> None:
         """Under the lock: move `upper` into the new layer `layer` (one rename). The
         caller then lists the layer in the volume's metadata and makes a new upper."""
-        folder = self._new_layer(info)
+        folder = self._new_layer(layer, info)
         os.rename(upper, folder / "tree")
         fsync_directory(upper.parent)
         fsync_directory(folder)
 
-    def copy_in(self, upper: Path, info: LayerInfo) -> None:
+    def copy_in(self, layer: str, upper: Path, info: LayerInfo) -> None:
         """Under the lock: copy `upper` (a sized volume's, in its image) into the new
-        layer `info.id`, on disk before it is named `tree`: a crash leaves a layer
-        without a tree, which no volume can use. The caller then lists the layer in the
+        layer `layer`, on disk before it is named `tree`: a crash leaves a layer without
+        a tree, which no volume can use. The caller then lists the layer in the
         volume's metadata and empties the upper."""
-        folder = self._new_layer(info)
+        folder = self._new_layer(layer, info)
         staging = folder / ".tree.partial"
         changes.copy_upper(upper, staging)
         kernel.sync_filesystem(staging)
         os.rename(staging, folder / "tree")
         fsync_directory(folder)
 
-    def _new_layer(self, info: LayerInfo) -> Path:
-        folder = self.folder / info.id
+    def _new_layer(self, layer: str, info: LayerInfo) -> Path:
+        folder = self.folder / layer
         os.mkdir(folder, 0o700)
         description = {
             "Volume": info.volume,

@@ -102,7 +102,7 @@ class VolumeSnapshots:
                 # copied out of the storage, and only once they are listed as a layer
                 # does the upper there become empty.
                 with own_changes(self.store, volume, metadata) as upper:
-                    self.layers.copy_in(upper, info)
+                    self.layers.copy_in(layer, upper, info)
                     volume.write_metadata(taken_metadata)
                     empty_storage_upper(volume, metadata, upper)
             volume.end_snapshot()

@@ -207,7 +207,7 @@ def cut_short_after_the_copy(driver: Driver, name: str) -> str:
     layer = driver.store.layers.new_id()
     volume.begin_snapshot(layer)
     with image_upper(driver, name) as upper, driver.store.layers.lock(None):
-        driver.store.layers.copy_in(upper, LayerInfo(layer, name, "s", "t"))
+        driver.store.layers.copy_in(layer, upper, LayerInfo(layer, name, "s", "t"))
     return layer
 
 
