@@ -8,7 +8,7 @@ fault reaches exactly one step of one request.
 Test cases are generated at collection from a clean traced run of each scenario, so
 collecting this folder starts daemons (a few seconds) and needs root and strace.
 
-Runtime: by default about 330 cases, 3.5-4 minutes on 2 cores: the crash tests kill
+Runtime: by default about 330 cases, 4-7 minutes on 2 cores: the crash tests kill
 once per distinct state a crash can leave (before each call that changes the disk or
 the mount table, and after the last one), the failing-syscall tests fail each step with
 one of the five errors in turn (each error meets each kind of syscall across the
