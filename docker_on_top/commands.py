@@ -3,11 +3,15 @@ diff and export its changes, reset it, commit it into a folder or onto its base.
 
 Each works on the state root directly, with or without a daemon running, and takes the
 volume's lock for as long as it changes anything: a container that starts meanwhile
-waits (or is told what holds the volume).
+waits (or is told what holds the volume). The same reach into a volume's own changes
+serves snapshots and the driver too: a volume held unused, its upper wherever it lives
+(in a sized volume's storage, mounted aside if need be), emptied, and a snapshot cut
+short settled.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -143,7 +147,7 @@ class VolumeCommands:
         volume = self.store.volume(name)
         metadata = self.store.metadata(volume)
         try:
-            with _own_changes(self.store, volume, metadata) as upper:
+            with own_changes(self.store, volume, metadata) as upper:
                 if since is None:
                     with _lower_view(self.store, self.store.lowers(metadata)) as below:
                         yield from changes.diff(upper, below)
@@ -185,7 +189,7 @@ class VolumeCommands:
             start = metadata.layers.index(_named_snapshot(metadata, volume_name, since).layer) + 1
         try:
             if snapshot is None:
-                with _own_changes(self.store, volume, metadata) as upper:
+                with own_changes(self.store, volume, metadata) as upper:
                     frozen = [self.store.layers.tree(layer) for layer in metadata.layers[start:]]
                     changes.export_squashed([upper, *reversed(frozen)], out, report)
                 return
@@ -205,9 +209,8 @@ class VolumeCommands:
         volume = self.store.volume(name)
         with unused(self.store, self.releases, volume, "a reset") as metadata:
             try:
-                with _own_changes(self.store, volume, metadata) as upper:
-                    changes.reset(upper)
-            except OSError as error:
+                empty_own_changes(self.store, volume, metadata)
+            except (OSError, sizelimit.ImageInUse) as error:
                 raise InternalError("failed to throw the changes away", error) from error
         log.info("volume %s: changes thrown away", name)
 
@@ -216,7 +219,7 @@ class VolumeCommands:
         volume = self.store.volume(name)
         with unused(self.store, self.releases, volume, "a commit") as metadata:
             try:
-                with _own_changes(self.store, volume, metadata) as upper:
+                with own_changes(self.store, volume, metadata) as upper:
                     changes.merge_into(
                         upper, self.store.lowers(metadata), target, progress=progress
                     )
@@ -341,13 +344,38 @@ def unused(
         # Its changes are about to change: no overlay of them may stay.
         if not overlay.free_mountpoint(volume):
             raise UserError(f"volume {volume.name}: {overlay.HELD_ON_HOST}; close them first")
-        try:
-            metadata = store.layers.settle(volume, metadata)
-        except (OSError, ValueError) as error:
-            raise InternalError(
-                "failed to settle a snapshot or rollback cut short", error
-            ) from error
+        metadata = settle(store, volume, metadata)
         yield metadata
+
+
+def settle(store: VolumeStore, volume: Volume, metadata: Metadata) -> Metadata:
+    """Under the volume's lock, nobody using it: finish or undo a snapshot or rollback of
+    it that a crash cut short (see layers.py); its metadata as it is then."""
+    empty = None
+    if metadata.size_limit is not None:
+        empty = functools.partial(empty_own_changes, store, volume, metadata)
+    try:
+        return store.layers.settle(volume, metadata, empty)
+    except (OSError, ValueError, sizelimit.ImageInUse) as error:
+        raise InternalError("failed to settle a snapshot or rollback cut short", error) from error
+
+
+def empty_own_changes(store: VolumeStore, volume: Volume, metadata: Metadata) -> None:
+    """Throw the volume's own changes away, keeping its upper directory. A sized volume's
+    are in its storage, whose usage is then recorded for Get, as at an unmount."""
+    if metadata.size_limit is None:
+        volume.discard_changes()
+        return
+    with own_changes(store, volume, metadata) as upper:
+        empty_storage_upper(volume, metadata, upper)
+
+
+def empty_storage_upper(volume: Volume, metadata: Metadata, upper: Path) -> None:
+    """Empty a sized volume's `upper` (on its storage, mounted) and record what its
+    storage still holds, for Get."""
+    changes.reset(upper)
+    if not metadata.volatile:
+        volume.record_usage(sizelimit.usage(upper))
 
 
 @contextmanager
@@ -369,7 +397,7 @@ def _lower_view(store: VolumeStore, lowers: list[Path]) -> Iterator[Path]:
 
 
 @contextmanager
-def _own_changes(store: VolumeStore, volume: Volume, metadata: Metadata) -> Iterator[Path]:
+def own_changes(store: VolumeStore, volume: Volume, metadata: Metadata) -> Iterator[Path]:
     """The volume's upper directory. A sized volume's is in its storage: when that is
     not mounted (nobody uses the volume), its image is mounted aside meanwhile, and a
     volatile volume has no changes then."""

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from . import kernel, overlay
+from .commands import settle
 from .errors import BusyError, InternalError, PluginError, UserError
 from .options import creation
 from .releases import PendingReleases, release_one, usage_count
@@ -165,12 +166,7 @@ class Driver:
                 raise InternalError("failed to read the volume's usage records", error) from error
             mounted_here = False
             if first_user:
-                try:
-                    metadata = self.store.layers.settle(volume, metadata)
-                except (OSError, ValueError) as error:
-                    raise InternalError(
-                        "failed to settle a snapshot or rollback cut short", error
-                    ) from error
+                metadata = settle(self.store, volume, metadata)
                 if overlay.free_mountpoint(volume):
                     overlay.mount(self.store, volume, metadata, discard=True)
                     mounted_here = True

@@ -1,6 +1,6 @@
 """The kernel interface: overlay and other mounts and unmount through the syscalls, flock
-with a deadline, rename without replacing, and path resolution inside another root
-directory.
+with a deadline, rename without replacing, syncing one filesystem, and path resolution
+inside another root directory.
 
 Nothing here knows about volumes; callers pass plain paths.
 """
@@ -297,6 +297,17 @@ def _renameat2() -> Callable[..., int] | None:
             ctypes.c_uint,
         ]
     return function
+
+
+def sync_filesystem(path: Path) -> None:
+    """syncfs(2): everything written to the filesystem that holds `path` reaches the disk
+    (one call for a whole tree, rather than an fsync of each of its files)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            _raise_errno("syncfs", path)
+    finally:
+        os.close(fd)
 
 
 def unmount(target: Path, *, flags: int = 0) -> None:

@@ -8,8 +8,11 @@ What uses a layer is derived from the volumes' metadata alone ("Layers"), and fr
 snapshot a crash cut short (a volume's `snapshot.json`, which names the layer its
 changes went to): never from a counter a crash could get wrong. A layer nothing uses is
 an orphan, removed by the next collection. Freezing is one rename of a volume's upper,
-so it costs the same for no change as for a million. A rollback writes its
-`rollback.json` before it changes anything, and the volume's next use finishes it.
+so it costs the same for no change as for a million. A sized volume's upper lives in its
+image, where a layer cannot (a layer is no part of the size limit): it is copied out
+instead, into a staging folder that becomes the layer's tree once it is on disk. A
+rollback writes its `rollback.json` before it changes anything, and the volume's next
+use finishes it.
 
 The folder's flock serialises whatever adds a use of a layer (a snapshot, a clone) with
 whatever removes layers (a collection); callers take it after any volume's lock.
@@ -20,13 +23,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import kernel
+from . import changes, kernel
 from .metadata import Metadata
 from .volume import ROLLBACK, SNAPSHOT, Volume, fsync_directory, write_atomically
 from .walk import remove_tree
@@ -69,11 +71,30 @@ class LayerStore:
 
     @staticmethod
     def new_id() -> str:
-        return secrets.token_hex(8)
+        # Not `secrets`: it loads OpenSSL's libcrypto, 3.7 MiB of the daemon's RSS.
+        return os.urandom(8).hex()
 
     def freeze(self, layer: str, upper: Path, info: LayerInfo) -> None:
         """Under the lock: move `upper` into the new layer `layer` (one rename). The
         caller then lists the layer in the volume's metadata and makes a new upper."""
+        folder = self._new_layer(layer, info)
+        os.rename(upper, folder / "tree")
+        fsync_directory(upper.parent)
+        fsync_directory(folder)
+
+    def copy_in(self, layer: str, upper: Path, info: LayerInfo) -> None:
+        """Under the lock: copy `upper` (a sized volume's, in its image) into the new
+        layer `layer`, on disk before it is named `tree`: a crash leaves a layer without
+        a tree, which no volume can use. The caller then lists the layer in the
+        volume's metadata and empties the upper."""
+        folder = self._new_layer(layer, info)
+        staging = folder / ".tree.partial"
+        changes.copy_upper(upper, staging)
+        kernel.sync_filesystem(staging)
+        os.rename(staging, folder / "tree")
+        fsync_directory(folder)
+
+    def _new_layer(self, layer: str, info: LayerInfo) -> Path:
         folder = self.folder / layer
         os.mkdir(folder, 0o700)
         description = {
@@ -87,9 +108,7 @@ class LayerStore:
             folder / ".layer.json.tmp",
             durable=True,
         )
-        os.rename(upper, folder / "tree")
-        fsync_directory(upper.parent)
-        fsync_directory(folder)
+        return folder
 
     def thaw(self, layer: str, upper: Path) -> None:
         """Undo `freeze` of a snapshot that never reached the volume's metadata: the
@@ -100,27 +119,44 @@ class LayerStore:
             fsync_directory(upper.parent)
         self.remove(layer)
 
-    def settle(self, volume: Volume, metadata: Metadata) -> Metadata:
+    def settle(
+        self,
+        volume: Volume,
+        metadata: Metadata,
+        empty_image_upper: Callable[[], None] | None = None,
+    ) -> Metadata:
         """Under the volume's lock: finish or undo what a crash cut short, and return the
         volume's metadata as it is then.
 
         A snapshot listed in the metadata happened, so the volume gets its new empty
         upper; one not listed is undone, its changes going back from the layer to its
         upper. A rollback is finished: its intent was written before anything changed,
-        so the changes it throws away may be half gone already."""
+        so the changes it throws away may be half gone already.
+
+        A sized volume passes `empty_image_upper`, which empties the upper in its image:
+        there a snapshot's changes were copied, not moved, so finishing it is emptying
+        the upper (the same changes over themselves until then: the view is the same),
+        and undoing it is removing the layer."""
         layer = volume.in_progress(SNAPSHOT)
         if layer is not None:
             if layer in metadata.layers:
-                if not volume.upper.exists():
+                if empty_image_upper is not None:
+                    empty_image_upper()
+                elif not volume.upper.exists():
                     make_upper_like(self.tree(layer), volume.upper)
                 log.warning("volume %s: finished a snapshot that was cut short", volume.name)
             else:
-                self.thaw(layer, volume.upper)
+                if empty_image_upper is not None:
+                    self.remove(layer)
+                else:
+                    self.thaw(layer, volume.upper)
                 log.warning("volume %s: undid a snapshot that was cut short", volume.name)
             volume.end(SNAPSHOT)
         layer = volume.in_progress(ROLLBACK)
         if layer is not None:
-            metadata = finish_rollback(volume, metadata, layer)
+            metadata = finish_rollback(
+                volume, metadata, layer, empty_image_upper or volume.discard_changes
+            )
             log.warning("volume %s: finished a rollback that was cut short", volume.name)
         return metadata
 
@@ -146,7 +182,7 @@ class LayerStore:
     def remove(self, layer: str) -> None:
         """Remove a layer: first out of sight (one rename), then its content."""
         folder = self.folder / layer
-        doomed = self.folder / f".removed.{secrets.token_hex(8)}"
+        doomed = self.folder / f".removed.{os.urandom(8).hex()}"
         try:
             os.rename(folder, doomed)
         except FileNotFoundError:
@@ -169,10 +205,13 @@ class LayerStore:
         return removed
 
 
-def finish_rollback(volume: Volume, metadata: Metadata, layer: str) -> Metadata:
+def finish_rollback(
+    volume: Volume, metadata: Metadata, layer: str, discard_changes: Callable[[], None]
+) -> Metadata:
     """Roll the volume back to its layer `layer`, under its lock and with its intent
     written (Volume.begin(ROLLBACK, ...)): the later layers off its list, its changes
-    thrown away, then the intent removed. Done again after a crash, it finishes."""
+    thrown away (by `discard_changes`: a sized volume's are in its image), then the
+    intent removed. Done again after a crash, it finishes."""
     if layer not in metadata.layers:
         raise ValueError(f"volume {volume.name}: a rollback to layer {layer}, which it lacks")
     kept = metadata.layers[: metadata.layers.index(layer) + 1]
@@ -183,7 +222,7 @@ def finish_rollback(volume: Volume, metadata: Metadata, layer: str) -> Metadata:
     )
     if rolled_back != metadata:
         volume.write_metadata(rolled_back)
-    volume.discard_changes()
+    discard_changes()
     volume.end(ROLLBACK)
     return rolled_back
 

@@ -203,12 +203,35 @@ def detach(number: int) -> None:
     except FileNotFoundError:  # the device itself is gone
         return
     try:
+        _clear(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def detached_after(numbers: list[int]) -> Iterator[None]:
+    """Hold the devices open while the block runs (unmounting what is mounted from
+    them), then detach them. Held open, none detaches itself meanwhile nor can be given
+    another file, so the devices detached are those named, whenever the kernel lets go
+    of what the block unmounted (a lazy unmount lets go in the background)."""
+    held: list[int] = []
+    try:
+        for number in numbers:
+            held.append(_open_device(number, os.O_RDONLY))
+        yield
+        for fd in held:
+            _clear(fd)
+    finally:
+        for fd in held:
+            os.close(fd)  # the last close of a cleared device detaches it
+
+
+def _clear(fd: int) -> None:
+    try:
         fcntl.ioctl(fd, _LOOP_CLR_FD, 0)
     except OSError as error:
         if error.errno != errno.ENXIO:  # not attached
             raise
-    finally:
-        os.close(fd)
 
 
 def backed_by(backing: Path) -> list[int]:
@@ -220,12 +243,20 @@ def backed_by(backing: Path) -> list[int]:
         for entry in entries:
             if not entry.name.startswith("loop"):
                 continue
+            # os.open, not open(): a file object asks the kernel whether each file is
+            # a terminal, so the syscalls made would depend on how many devices other
+            # processes have attached (the fault harness counts them).
             try:
-                with open(os.path.join(entry.path, "loop", "backing_file"), "rb") as named:
-                    if named.read() == wanted:
-                        found.append(int(entry.name[len("loop") :]))
+                named = os.path.join(entry.path, "loop", "backing_file")
+                fd = os.open(named, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:  # not attached
                 continue
+            try:
+                # sysfs gives a whole attribute (at most a page) in one read.
+                if os.read(fd, len(wanted) + 1) == wanted:
+                    found.append(int(entry.name[len("loop") :]))
+            finally:
+                os.close(fd)
     return sorted(found)
 
 

@@ -184,16 +184,26 @@ def free_mountpoint(volume: Volume) -> bool:
 def detach_everything(volume: Volume) -> None:
     """Before the volume's folder goes: force and detach whatever is mounted on it (the
     overlay, then a sized volume's storage), and the loop devices of its image."""
-    for mounted in (volume.mountpoint, volume.limit):
-        for _ in range(_MAX_STACKED_MOUNTS):
-            if not kernel.is_mount_point(mounted):
-                break
-            log.warning("volume %s: %s is still mounted; detaching it", volume.name, mounted)
-            kernel.unmount(mounted, flags=kernel.MNT_FORCE | kernel.MNT_DETACH)
-        else:
-            raise OSError(errno.EBUSY, "stays mounted", str(mounted))
+    devices = loopdev.backed_by(volume.image) if os.path.exists(volume.image) else []
+    with loopdev.detached_after(devices):
+        for mounted in (volume.mountpoint, volume.limit):
+            for _ in range(_MAX_STACKED_MOUNTS):
+                if not kernel.is_mount_point(mounted):
+                    break
+                log.warning("volume %s: %s is still mounted; detaching it", volume.name, mounted)
+                kernel.unmount(mounted, flags=kernel.MNT_FORCE | kernel.MNT_DETACH)
+            else:
+                raise OSError(errno.EBUSY, "stays mounted", str(mounted))
+
+
+def detach_devices(volume: Volume) -> None:
+    """Detach the loop devices of a sized volume's image, for a volume nobody uses: one
+    a crash left attached without AUTOCLEAR (between the two steps of a bind on a kernel
+    without LOOP_CONFIGURE) goes at once, one still mounted somewhere (another mount
+    namespace) as soon as that lets go of it."""
     if os.path.exists(volume.image):
         for number in loopdev.backed_by(volume.image):
+            log.warning("volume %s: detaching loop device %d of its image", volume.name, number)
             loopdev.detach(number)
 
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import kernel, overlay
-from .commands import VIEW_PREFIX
+from .commands import VIEW_PREFIX, settle
 from .errors import InternalError, PluginError
 from .releases import PendingReleases
 from .snapshots import VolumeSnapshots
@@ -75,6 +75,7 @@ def recover(store: VolumeStore, releases: PendingReleases) -> RecoveryReport:
                 volume.write_unreleased({})
                 volume.remove_mount_folders()
                 overlay.release_storage(volume)
+                overlay.detach_devices(volume)
         except OSError as error:
             raise InternalError(f"cannot recover volume {volume.name}", error) from error
         report.cleaned.append(volume.name)
@@ -118,7 +119,7 @@ def _settle(store: VolumeStore, volume: Volume) -> None:
         if volume.in_progress(SNAPSHOT) is None and volume.in_progress(ROLLBACK) is None:
             return
         with volume.records.lock():
-            store.layers.settle(volume, store.metadata(volume))
+            settle(store, volume, store.metadata(volume))
     except (PluginError, OSError, ValueError) as error:
         log.warning(
             "volume %s: cannot settle a snapshot or rollback cut short: %s", volume.name, error
@@ -127,9 +128,11 @@ def _settle(store: VolumeStore, volume: Volume) -> None:
 
 def _release_storage(volume: Volume) -> None:
     """A sized volume's storage left mounted with no overlay over it (a crash between
-    the two unmounts): unmounted, so that nothing stays attached."""
+    the two unmounts): unmounted, and its image's loop devices detached, so that nothing
+    stays attached."""
     try:
         overlay.release_storage(volume)
+        overlay.detach_devices(volume)
     except OSError as error:
         log.warning("volume %s: cannot unmount its storage: %s", volume.name, error)
 

@@ -42,11 +42,13 @@ _MKFS_OPTIONS = [
     "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
 ]  # fmt: skip
 _MOUNT_FLAGS = kernel.MS_NOSUID | kernel.MS_NODEV
-# Without it, ext4lazyinit writes the never-zeroed inode tables in the background after
-# the first mount, a sixty-fourth of the image (16 GiB for 1 TiB) taken from the host
-# disk; the sparse file reads as zeros already. noinit_itable needs no new e2fsprogs,
-# unlike mke2fs's assume_storage_prezeroed (1.47).
-_EXT4_OPTIONS = "noinit_itable"
+# Without noinit_itable, ext4lazyinit writes the never-zeroed inode tables in the
+# background after the first mount, a sixty-fourth of the image (16 GiB for 1 TiB) taken
+# from the host disk; the sparse file reads as zeros already. noinit_itable needs no new
+# e2fsprogs, unlike mke2fs's assume_storage_prezeroed (1.47). discard: blocks freed in
+# the image are discarded to the loop device, which punches them out of the sparse
+# file, so what a container deletes goes back to the host disk.
+_EXT4_OPTIONS = "noinit_itable,discard"
 # A tmpfs inode costs kernel memory (about 1 KiB with its dentry) that the size does
 # not count, so their number is bounded too: one per page, so that only empty files,
 # folders and symlinks can run out of inodes before the size runs out.
@@ -124,8 +126,9 @@ def check_size(size_bytes: int) -> None:
         )
 
 
-def _run(tool: str, *arguments: str) -> str:
-    """Run an e2fsprogs command; its standard output. ToolFailed with what it said."""
+def _run(tool: str, *arguments: str, pass_fds: tuple[int, ...] = ()) -> str:
+    """Run an e2fsprogs command (with the descriptors `pass_fds`); its standard output.
+    ToolFailed with what it said."""
     try:
         completed = subprocess.run(
             [tool, *arguments],
@@ -133,6 +136,7 @@ def _run(tool: str, *arguments: str) -> str:
             capture_output=True,
             text=True,
             check=False,
+            pass_fds=pass_fds,
         )
     except FileNotFoundError:
         raise ToolFailed(f"{tool} is not installed (it comes with e2fsprogs)") from None
@@ -161,7 +165,10 @@ def make_image(path: Path, size_bytes: int) -> None:
                 f"a size of {size_bytes} bytes is larger than the host filesystem takes "
                 f"in one file ({path.parent})"
             ) from None
-        _run("mkfs.ext4", *_MKFS_OPTIONS, os.path.abspath(path))
+        # By its descriptor, not its path: mkfs.ext4 outlives a daemon killed meanwhile,
+        # and by the time it opens the path, a restart may have removed the half-made
+        # volume and a retried Create put a new image there, which it must not write.
+        _run("mkfs.ext4", *_MKFS_OPTIONS, f"/proc/self/fd/{fd}", pass_fds=(fd,))
         os.fsync(fd)  # the new filesystem is on the disk before a caller records it
     except BaseException:
         os.unlink(path)

@@ -1,7 +1,8 @@
 """Snapshots, rollback, destroy and clones, with ZFS's vocabulary (SPEC B12).
 
 `snapshot VOLUME@NAME` freezes the volume's changes as a read-only layer (one rename,
-see layers.py); the volume goes on over it with no changes of its own. A clone
+see layers.py; a copy out of a sized volume's image, which holds only the volume's own
+changes); the volume goes on over it with no changes of its own. A clone
 (`create -o from=VOLUME@NAME`) is a new volume over the same bases and layers, so
 nothing is copied. `rollback` throws away what the volume changed since NAME, later
 snapshots of it included; `destroy` removes the name. A layer goes when no volume lists
@@ -9,12 +10,14 @@ it any more. Each of these holds the volume's lock while nobody uses it, then th
 store's lock.
 
 The order of the steps keeps every change a volume had through a crash: the snapshot
-intent (`snapshot.json`) before the rename, the metadata (the commit) before the new
-upper, so that the next use of the volume finishes or undoes what was cut short.
+intent (`snapshot.json`) before the rename (or the copy), the metadata (the commit)
+before the new upper (or the emptied one), so that the next use of the volume finishes
+or undoes what was cut short.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -22,8 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from . import changes
-from .commands import unused
+from . import changes, sizelimit
+from .commands import empty_own_changes, empty_storage_upper, own_changes, unused
 from .errors import BusyError, InternalError, UserError
 from .kernel import LockTimeout
 from .layers import MAX_LOWER_LAYERS, LayerInfo, finish_rollback, make_upper_like
@@ -71,11 +74,6 @@ class VolumeSnapshots:
 
     def _snapshot(self, volume: Volume, metadata: Metadata, name: str | None) -> str:
         """Under the volume's lock (nobody using it) and the layer store's."""
-        if metadata.size_limit is not None:
-            raise UserError(
-                f"volume {volume.name} has a size limit: its changes live in an image of "
-                "their own, and snapshots of such a volume are not supported yet"
-            )
         taken = {snapshot.name for snapshot in metadata.snapshots}
         if name is None:
             name = _free_name(_timestamp_name(), taken)
@@ -88,18 +86,29 @@ class VolumeSnapshots:
             )
         layer = self.layers.new_id()
         created_at = rfc3339(time.time())
+        info = LayerInfo(layer, volume.name, name, created_at)
+        taken_metadata = replace(
+            metadata,
+            layers=(*metadata.layers, layer),
+            snapshots=(*metadata.snapshots, Snapshot(name, layer, created_at)),
+        )
         try:
             volume.begin(SNAPSHOT, layer)
-            self.layers.freeze(layer, volume.upper, LayerInfo(layer, volume.name, name, created_at))
-            volume.write_metadata(
-                replace(
-                    metadata,
-                    layers=(*metadata.layers, layer),
-                    snapshots=(*metadata.snapshots, Snapshot(name, layer, created_at)),
-                )
-            )
-            make_upper_like(self.layers.tree(layer), volume.upper)
+            if metadata.size_limit is None:
+                self.layers.freeze(layer, volume.upper, info)
+                volume.write_metadata(taken_metadata)
+                make_upper_like(self.layers.tree(layer), volume.upper)
+            else:
+                # The layer is on the host's disk, outside the limit: the changes are
+                # copied out of the storage, and only once they are listed as a layer
+                # does the upper there become empty.
+                with own_changes(self.store, volume, metadata) as upper:
+                    self.layers.copy_in(layer, upper, info)
+                    volume.write_metadata(taken_metadata)
+                    empty_storage_upper(volume, metadata, upper)
             volume.end(SNAPSHOT)
+        except sizelimit.ImageInUse as error:
+            raise InternalError("failed to take the snapshot", error) from error
         except OSError as error:
             raise InternalError(
                 "failed to take the snapshot (the volume's next use finishes or undoes it)",
@@ -152,9 +161,10 @@ class VolumeSnapshots:
                     # The intent first: a crash at any later step leaves a rollback that
                     # the volume's next use finishes, never its changes half thrown away.
                     volume.begin(ROLLBACK, snapshot.layer)
-                    kept = finish_rollback(volume, metadata, snapshot.layer).layers
+                    discard = functools.partial(empty_own_changes, self.store, volume, metadata)
+                    kept = finish_rollback(volume, metadata, snapshot.layer, discard).layers
                     self._collect(metadata.layers[len(kept) :])
-                except OSError as error:
+                except (OSError, sizelimit.ImageInUse) as error:
                     raise InternalError("failed to roll back (run it again)", error) from error
         log.info("volume %s: rolled back to %s", volume_name, name)
 

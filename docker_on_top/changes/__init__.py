@@ -3,10 +3,10 @@
 One concern per module: `overlay_marks.py` (what overlayfs leaves in an upper: whiteouts,
 opaque marks, xattrs), `diff_walk.py` (the changes as `docker diff` lists them), `size.py`
 (their disk usage), `oci_layer.py` (the changes as an OCI image layer) with
-`layer_tar.py` (its tar stream), `merge.py` (the changes copied out with the base, or into
-it; reset) and `extents.py` (holes). This module only re-exports what the rest of
-docker_on_top uses; names with a leading underscore are shared by the package's modules
-(tests set some of them in the module that owns them).
+`layer_tar.py` (its tar stream), `merge.py` (the changes copied out with the base, or
+into it, or as they are; reset) and `extents.py` (holes). This module only re-exports
+what the rest of docker_on_top uses; names with a leading underscore are shared by the
+package's modules (tests set some of them in the module that owns them).
 
 The upper root is made by the plugin, not copied up from the base, so its own metadata is
 never reported or applied as a change; the kernel ignores an opaque mark on it, and so does
@@ -22,7 +22,7 @@ kept by exports and copies, as an image layer must keep them.
 from __future__ import annotations
 
 from .diff_walk import Change, diff
-from .merge import apply_to_base, merge_into, reset
+from .merge import apply_to_base, copy_upper, merge_into, reset
 from .oci_layer import Report, export_layer, export_squashed, report_nothing
 from .size import ChangesSize, changes_size
 
@@ -32,6 +32,7 @@ __all__ = [
     "Report",
     "apply_to_base",
     "changes_size",
+    "copy_upper",
     "diff",
     "export_layer",
     "export_squashed",

@@ -1,6 +1,7 @@
 """Changes written elsewhere: the merged view copied into a new directory (`merge_into`),
-the changes applied to the base itself (`apply_to_base`), thrown away (`reset`); and the
-copier both use, which keeps owners, modes, times, xattrs, hard links and holes."""
+the changes applied to the base itself (`apply_to_base`), an upper directory copied as
+it is (`copy_upper`), thrown away (`reset`); and the copier they use, which keeps
+owners, modes, times, xattrs, hard links and holes."""
 
 from __future__ import annotations
 
@@ -79,10 +80,24 @@ def merge_into(
             remove_tree(scratch)
 
 
-def _copy_tree(source: Path, target: Path, progress: Callable[[int], None] | None) -> None:
+def copy_upper(upper: Path, target: Path) -> None:
+    """Copy the upper directory `upper` as it is into the new directory `target`, to be
+    a lower layer as the upper itself would be: whiteouts, opaque marks and every other
+    overlay xattr are kept, with owners, modes, times, xattrs, hard links and holes. A
+    failure leaves a partial copy at `target`, for the caller to remove."""
+    _copy_tree(upper, target, None, overlay_xattrs=True)
+
+
+def _copy_tree(
+    source: Path,
+    target: Path,
+    progress: Callable[[int], None] | None,
+    *,
+    overlay_xattrs: bool = False,
+) -> None:
     os.mkdir(target, 0o700)
     with Cursor.open(source) as origin, Cursor.open(target) as copy, RegularFiles() as files:
-        copier = _Copier(progress, target, files)
+        copier = _Copier(progress, target, files, overlay_xattrs=overlay_xattrs)
 
         def copy_entries() -> list[tuple[str, os.stat_result]]:
             subdirectories = []
@@ -113,7 +128,7 @@ def _copy_tree(source: Path, target: Path, progress: Callable[[int], None] | Non
             copier.finish_directory(origin.fd, name, st, copy.fd)
 
         depth_first(copy_entries(), enter, leave)
-        _copy_metadata(origin.fd, None, os.fstat(origin.fd), copy.fd)
+        _copy_metadata(origin.fd, None, os.fstat(origin.fd), copy.fd, overlay_xattrs)
         copier.done()
 
 
@@ -204,9 +219,15 @@ class _Copier:
     """Copies entries with owner, mode, times, xattrs, hard links and holes, counting them."""
 
     def __init__(
-        self, progress: Callable[[int], None] | None, target_top: Path, files: RegularFiles
+        self,
+        progress: Callable[[int], None] | None,
+        target_top: Path,
+        files: RegularFiles,
+        *,
+        overlay_xattrs: bool = False,
     ) -> None:
         self._progress = progress
+        self._overlay_xattrs = overlay_xattrs
         self._files = files
         self._count = 0
         self._reported = -1
@@ -242,13 +263,13 @@ class _Copier:
             os.mkfifo(name, 0o600, dir_fd=target.fd)
         elif not stat.S_ISREG(st.st_mode):
             os.mknod(name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=target.fd)
-        _copy_metadata(source.fd, name, st, target.fd)
+        _copy_metadata(source.fd, name, st, target.fd, self._overlay_xattrs)
         self._counted()
 
     def finish_directory(
         self, source_fd: int, name: str, st: os.stat_result, target_fd: int
     ) -> None:
-        _copy_metadata(source_fd, name, st, target_fd)
+        _copy_metadata(source_fd, name, st, target_fd, self._overlay_xattrs)
         self._counted()
 
     def done(self) -> None:
@@ -293,9 +314,16 @@ def _copy_content(source_fd: int, st: os.stat_result, name: str, target_fd: int)
         os.close(copy_fd)
 
 
-def _copy_metadata(source_fd: int, name: str | None, st: os.stat_result, target_fd: int) -> None:
+def _copy_metadata(
+    source_fd: int,
+    name: str | None,
+    st: os.stat_result,
+    target_fd: int,
+    overlay_xattrs: bool = False,
+) -> None:
     """Give the entry `name` of the target directory the metadata of the source's; with
-    no name, the target directory itself that of the source directory."""
+    no name, the target directory itself that of the source directory. The overlay's
+    own xattrs are carried over only with `overlay_xattrs`."""
     source: _Target = source_fd if name is None else f"/proc/self/fd/{source_fd}/{name}"
     target: _Target = target_fd if name is None else f"/proc/self/fd/{target_fd}/{name}"
     follows = name is None
@@ -304,7 +332,7 @@ def _copy_metadata(source_fd: int, name: str | None, st: os.stat_result, target_
         os.chown(target_fd, st.st_uid, st.st_gid)
     else:
         os.chown(name, st.st_uid, st.st_gid, dir_fd=target_fd, follow_symlinks=False)
-    wanted = _xattrs(source)
+    wanted = _all_xattrs(source) if overlay_xattrs else _xattrs(source)
     for key in _xattr_names(target):
         if key not in wanted:
             os.removexattr(target, key, follow_symlinks=follows)
@@ -318,3 +346,15 @@ def _copy_metadata(source_fd: int, name: str | None, st: os.stat_result, target_
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=target_fd)
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=target_fd, follow_symlinks=False)
+
+
+def _all_xattrs(target: _Target) -> dict[str, bytes]:
+    """Every xattr of `target`, the overlay's own too."""
+    follows = isinstance(target, int)
+    try:
+        names = os.listxattr(target, follow_symlinks=follows)
+    except OSError as error:
+        if error.errno == errno.ENOTSUP:
+            return {}
+        raise
+    return {name: os.getxattr(target, name, follow_symlinks=follows) for name in names}

@@ -40,6 +40,17 @@ inside a directory walk (calls relative to a directory fd, as shutil.rmtree make
 order follows name hashes, and overlayfs names its scratch files in workdir/ after inode
 numbers, so the same clean-up can visit its entries in another order from run to run;
 there the counts are compared.
+
+Sized volumes (`Scenario.size`) trace more: the loop devices' ioctls, the filesystem
+mounts, the image's sizing, and the poll with which the daemon waits for mkfs.ext4 (a
+kill there leaves mkfs.ext4 running on, orphaned). strace detaches from a child at its
+execve, so no injection reaches mkfs.ext4 itself, and the child's calls before it are
+not the request's. The loop makes an ioctl on each connection it accepts, so these
+requests go on a connection accepted before strace attaches (`connect_ahead`). What
+the request reads in /sys/block depends on how many loop devices exist, which other
+processes can change between the clean and the injected run; they seldom do.
+After the fault, once the volume is unused, no loop device is backed by a file under
+the state root and nothing is mounted there; a made image passes e2fsck.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -60,11 +72,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from docker_on_top.server import MAX_WORKERS
+from docker_on_top.sizelimit import parse_size
 
 from ..protocol.conftest import (
     Daemon,
     PluginClient,
     Reply,
+    UnixHTTPConnection,
     Workspace,
     mounts_at,
     mounts_under,
@@ -98,6 +112,23 @@ TRACED = (
     "fchown",
     "fchownat",
 )
+# A sized volume also attaches loop devices (ioctl), mounts filesystems of its own (the
+# new mount API too), sizes its image and waits (poll) for mkfs.ext4 to make it: traced
+# in the scenarios of sized volumes only, so that the other scenarios' steps stay as
+# they were. execve marks the child processes (mkfs.ext4), whose calls are not the
+# request's: strace detaches from them there (-b execve).
+SIZED_TRACED = (
+    "ftruncate",
+    "fallocate",
+    "ioctl",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "move_mount",
+    "poll",
+    "execve",
+)
+SIZE = "16M"
 # What a syscall failure test injects into, and with which errors.
 FAILING = ("mkdir", "mount", "umount2", "rename", "openat", "write")
 ERRNOS = ("EIO", "ENOSPC", "EBUSY", "EPERM", "EACCES")
@@ -147,6 +178,14 @@ class Call:
         """
         if self.name in ("flock", "fsync", "fdatasync", "sendto") or self.wake_up:
             return False
+        # Of the ioctls only binding a loop device changes anything (finding a free one
+        # does not); a filesystem context or a detached mount goes with the process. A
+        # poll waits for mkfs.ext4, which writes the image meanwhile: a kill there
+        # leaves it running on, orphaned, and so counts as a step.
+        if self.name == "ioctl":
+            return "LOOP_" in self.text and "LOOP_CTL_GET_FREE" not in self.text
+        if self.name in ("fsopen", "fsconfig", "fsmount"):
+            return False
         if self.name == "openat":
             return "O_CREAT" in self.text
         if self.name == "write":
@@ -163,21 +202,40 @@ class Call:
         return f"{self.position:02d}-{self.name}#{self.occurrence}"
 
 
-def parse_trace(path: Path, wake_up_fds: frozenset[int]) -> tuple[list[Call], bool]:
+def parse_trace(
+    path: Path, wake_up_fds: frozenset[int], traced: tuple[str, ...] = TRACED
+) -> tuple[list[Call], bool]:
     """The traced calls of the request, and whether the daemon was killed; writes to the
-    loop's wake-up pipe (`wake_up_fds`) are marked."""
+    loop's wake-up pipe (`wake_up_fds`) are marked. The calls of a child process (one
+    that calls execve) before it runs its program are not the request's; of the polls
+    that wait for its output only the first is a step: how many more follow depends on
+    whether its two pipes close together."""
     calls: list[Call] = []
     seen: dict[str, int] = {}
     killed = False
     replied = False
     tids: set[int] = set()
-    for line in path.read_text(errors="replace").splitlines():
+    lines = path.read_text(errors="replace").splitlines()
+    children = {
+        int(match["tid"])
+        for match in map(_LINE.match, lines)
+        if match is not None and match["name"] == "execve"
+    }
+    child_started = False
+    for line in lines:
         if "+++ killed by SIGKILL" in line:
             killed = True
             continue
         match = _LINE.match(line)
-        if match is None or match["name"] not in TRACED:
+        if match is not None and int(match["tid"]) in children:
+            child_started = True
+            continue
+        if match is None or match["name"] not in traced:
             continue  # "<... resumed>", "+++ exited", signals
+        if match["name"] == "poll":
+            if not child_started:
+                continue
+            child_started = False
         tids.add(int(match["tid"]))
         seen[match["name"]] = seen.get(match["name"], 0) + 1
         calls.append(
@@ -295,13 +353,22 @@ def _tracer_of(pid: int, tid: int) -> int | None:
 class Strace:
     """strace attached to a running daemon; stop() detaches it, by its PID only."""
 
-    def __init__(self, daemon_pid: int, injections: list[str], output: Path) -> None:
+    def __init__(
+        self,
+        daemon_pid: int,
+        injections: list[str],
+        output: Path,
+        traced: tuple[str, ...] = TRACED,
+    ) -> None:
         wait_settled(daemon_pid)
         self.daemon_pid = daemon_pid
         self.wake_up_fds = wake_up_fds(daemon_pid)
         self.output = output
+        self.traced = traced
         command = ["strace", "-f", "-q", "-p", str(daemon_pid), "-o", str(output)]
-        command += ["-e", "trace=" + ",".join(TRACED)]
+        if "execve" in traced:
+            command += ["-b", "execve"]  # an injection must never reach a child's program
+        command += ["-e", "trace=" + ",".join(traced)]
         for injection in injections:
             command += ["-e", f"inject={injection}"]
         self.command = command
@@ -333,7 +400,7 @@ class Strace:
         self._stderr.close()
 
     def calls(self) -> tuple[list[Call], bool]:
-        return parse_trace(self.output, self.wake_up_fds)
+        return parse_trace(self.output, self.wake_up_fds, self.traced)
 
 
 # --- scenarios ------------------------------------------------------------------------------
@@ -350,7 +417,8 @@ class Scenario:
 
     `users` are the mount IDs (with their counts) that use the volume before the
     request: containers that keep running. The volume always holds changes made through
-    its mount before the request (except for Create).
+    its mount before the request (except for Create). A `size` makes it a sized volume
+    (an ext4 image, or a tmpfs when volatile).
     """
 
     name: str
@@ -359,26 +427,35 @@ class Scenario:
     volatile: bool = False
     users: Mapping[str, int] = field(default_factory=dict)
     in_default: bool = True  # also in the representative (default) run
+    size: str | None = None
     # For the layered scenarios (tests/faults/layered.py): the volume the request names,
     # a Create's options (in place of `base`), and the set-up in place of set_up's.
     volume: str = VOLUME
-    options: Mapping[str, str] | None = None
+    create_options: Mapping[str, str] | None = None
     prepare: Callable[[Workspace, PluginClient], object] | None = None
+
+    @property
+    def traced(self) -> tuple[str, ...]:
+        return TRACED if self.size is None else TRACED + SIZED_TRACED
+
+    def options(self) -> dict[str, str]:
+        """The Create options besides the base."""
+        options = {"volatile": "true"} if self.volatile else {}
+        if self.size is not None:
+            options["size"] = self.size
+        return options
 
     @property
     def operation(self) -> str:
         return self.endpoint.rsplit(".", 1)[1]
 
     def body(self, ws: Workspace) -> dict[str, object]:
-        if self.options is not None:
-            return {"Name": self.volume, "Opts": dict(self.options)}
+        if self.create_options is not None:
+            return {"Name": self.volume, "Opts": dict(self.create_options)}
         if self.prepare is not None:
             return {"Name": self.volume}
         if self.endpoint == CREATE:
-            opts = {"base": str(ws.base)}
-            if self.volatile:
-                opts["volatile"] = "true"
-            return {"Name": VOLUME, "Opts": opts}
+            return {"Name": VOLUME, "Opts": {"base": str(ws.base), **self.options()}}
         if self.mount_id is None:
             return {"Name": VOLUME}
         return {"Name": VOLUME, "ID": self.mount_id}
@@ -423,6 +500,17 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("unmount-last-volatile", UNMOUNT, "c1", volatile=True, users={"c1": 1}),
         Scenario("remove", REMOVE),
         Scenario("remove-in-use", REMOVE, users={"c1": 1}),
+        Scenario("create-sized", CREATE, size=SIZE),
+        Scenario("create-volatile-sized", CREATE, volatile=True, size=SIZE, in_default=False),
+        Scenario("mount-first-sized", MOUNT, "c1", size=SIZE),
+        Scenario("mount-first-volatile-sized", MOUNT, "c1", volatile=True, size=SIZE),
+        Scenario("mount-second-sized", MOUNT, "c2", users={"c1": 1}, size=SIZE, in_default=False),
+        Scenario("unmount-last-sized", UNMOUNT, "c1", users={"c1": 1}, size=SIZE),
+        Scenario(
+            "unmount-last-volatile-sized", UNMOUNT, "c1", volatile=True, users={"c1": 1}, size=SIZE
+        ),
+        Scenario("remove-sized", REMOVE, size=SIZE),
+        Scenario("remove-in-use-sized", REMOVE, users={"c1": 1}, size=SIZE),
     )
 }
 
@@ -443,8 +531,7 @@ def set_up(scenario: Scenario, ws: Workspace, client: PluginClient) -> None:
         return
     if scenario.endpoint == CREATE:
         return
-    options = {"volatile": "true"} if scenario.volatile else {}
-    client.create(VOLUME, ws.base, **options)
+    client.create(VOLUME, ws.base, **scenario.options())
     mountpoint = Path(client.mount(VOLUME, "setup"))
     write_changes(mountpoint)
     for mount_id, count in scenario.users.items():
@@ -453,12 +540,53 @@ def set_up(scenario: Scenario, ws: Workspace, client: PluginClient) -> None:
     client.unmount(VOLUME, "setup")
 
 
-def send(client: PluginClient, endpoint: str, body: object) -> Reply | None:
-    """The request under test; None when the daemon died before answering."""
+def send(
+    client: PluginClient,
+    endpoint: str,
+    body: object,
+    connection: UnixHTTPConnection | None = None,
+) -> Reply | None:
+    """The request under test (on `connection`, else a new one); None when the daemon
+    died before answering."""
     try:
-        return client.call(endpoint, body)
+        return client.call(endpoint, body, connection=connection)
     except (OSError, http.client.HTTPException):
         return None
+    finally:
+        if connection is not None:
+            connection.close()
+
+
+def connect_ahead(
+    scenario: Scenario, client: PluginClient, daemon_pid: int
+) -> UnixHTTPConnection | None:
+    """For a scenario that traces ioctl: a connection the daemon has accepted already, to
+    send the request on once strace is attached. The loop makes an ioctl (FIONBIO) on
+    each connection it accepts, and strace counts `when=` per thread: the loop's would
+    be the first ioctl, killed by `when=1` before the request even starts. None for the
+    other scenarios: their requests go on a new connection, as before."""
+    if "ioctl" not in scenario.traced:
+        return None
+    accepted = _sockets_of(daemon_pid)
+    connection = client.connection()
+    connection.connect()
+    deadline = time.monotonic() + ATTACH_TIMEOUT_S
+    while not _sockets_of(daemon_pid) - accepted:
+        if time.monotonic() > deadline:
+            connection.close()
+            raise AssertionError(f"daemon {daemon_pid} does not accept the connection")
+        time.sleep(0.002)
+    return connection  # Strace waits until the loop sleeps again, past its ioctl
+
+
+def _sockets_of(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:"):
+                found.add(link)
+    return found
 
 
 @dataclass(frozen=True)
@@ -467,9 +595,12 @@ class CleanTrace:
     calls: tuple[Call, ...]
 
     def counts(self) -> dict[str, int]:
+        """How often each syscall is called, but poll: how often it polls varies (see
+        parse_trace), so there is no call past its last to kill at."""
         counts: dict[str, int] = {}
         for call in self.calls:
-            counts[call.name] = counts.get(call.name, 0) + 1
+            if call.name != "poll":
+                counts[call.name] = counts.get(call.name, 0) + 1
         return counts
 
     def crash_points(self) -> list[Call]:
@@ -557,8 +688,9 @@ def traced_cleanly(scenario: Scenario) -> CleanTrace:
         daemon = fresh_daemon(ws)
         client = ws.client()
         set_up(scenario, ws, client)
-        strace = Strace(daemon.pid, [], ws.logs / "clean.trace")
-        reply = send(ws.client(), scenario.endpoint, scenario.body(ws))
+        connection = connect_ahead(scenario, client, daemon.pid)
+        strace = Strace(daemon.pid, [], ws.logs / "clean.trace", scenario.traced)
+        reply = send(ws.client(), scenario.endpoint, scenario.body(ws), connection)
         wait_settled(daemon.pid)
         strace.stop()
         if reply is None or reply.status != 200:
@@ -575,7 +707,7 @@ def traced_cleanly(scenario: Scenario) -> CleanTrace:
 
 # --- one kill ---------------------------------------------------------------------------------
 
-Attach = Callable[[int, list[str]], Strace]  # starts strace on a daemon (conftest.Tracer)
+Attach = Callable[[int, list[str], tuple[str, ...]], Strace]  # strace on a daemon (conftest.Tracer)
 
 
 def killed_where_named(
@@ -595,8 +727,11 @@ def request_killed_at(
     """Send the scenario's request with a kill on entering `call`; the daemon must die
     there."""
     scenario = trace.scenario
-    strace = attach(daemon.pid, [f"{call.name}:signal=KILL:when={call.occurrence}"])
-    reply = send(ws.client(), scenario.endpoint, scenario.body(ws))
+    client = ws.client()
+    connection = connect_ahead(scenario, client, daemon.pid)
+    injection = f"{call.name}:signal=KILL:when={call.occurrence}"
+    strace = attach(daemon.pid, [injection], scenario.traced)
+    reply = send(client, scenario.endpoint, scenario.body(ws), connection)
     try:
         status: int | None = daemon.process.wait(
             1 if reply is not None and not call.after_reply else 10
@@ -627,8 +762,10 @@ def request_completes(daemon: Daemon, attach: Attach, trace: CleanTrace, ws: Wor
     syscall: it must complete, with the clean run's calls."""
     scenario = trace.scenario
     injections = [f"{name}:signal=KILL:when={n + 1}" for name, n in trace.counts().items()]
-    strace = attach(daemon.pid, injections)
-    reply = send(ws.client(), scenario.endpoint, scenario.body(ws))
+    client = ws.client()
+    connection = connect_ahead(scenario, client, daemon.pid)
+    strace = attach(daemon.pid, injections, scenario.traced)
+    reply = send(client, scenario.endpoint, scenario.body(ws), connection)
     assert reply is not None and reply.status == 200, (
         f"{scenario.name}: with a kill one call past the clean count of every syscall "
         f"the request must complete: {reply}\n{daemon.log()}"
@@ -692,15 +829,23 @@ def invariant_violations(root: Path) -> list[str]:
             continue
         if not records:
             continue
+        uppers = (f"upperdir={folder / 'upper'}", f"upperdir={folder / 'limit' / 'upper'}")
         overlays = [
             m
             for m in mounts_at(folder / "mountpoint")
-            if m.fstype == "overlay" and f"upperdir={folder / 'upper'}" in m.super_options
+            if m.fstype == "overlay" and any(upper in m.super_options for upper in uppers)
         ]
         if not overlays:
             problems.append(
                 f"{folder.name}: records {records} but no overlay of its upper/ is mounted on "
                 f"{folder / 'mountpoint'} (mount table there: {mounts_at(folder / 'mountpoint')})"
+            )
+        if size_limit_of(folder) is not None and not any(
+            m.fstype in ("ext4", "tmpfs") for m in mounts_at(folder / "limit")
+        ):
+            problems.append(
+                f"{folder.name}: records {records} but its storage is not mounted on "
+                f"{folder / 'limit'}: its changes go to the host's disk, past the limit"
             )
     return problems
 
@@ -714,6 +859,86 @@ def assert_invariant(root: Path, context: str) -> None:
 # crash may leave (they are never read, and the next atomic write replaces them).
 CLEAN_ENTRIES = {"metadata.json", "upper", "activemounts"}
 STAGING = {".activemount.tmp", ".metadata.json.tmp", ".unreleased.json.tmp"}
+# A sized volume keeps its changes in its image (none on disk when volatile), and what
+# its storage held at its last unmount.
+SIZED_ENTRIES = {"metadata.json", "activemounts"}
+SIZED_OPTIONAL = {"usage.json", ".usage.json.tmp"}
+
+
+def size_limit_of(folder: Path) -> int | None:
+    """The volume's SizeLimit, per its metadata.json; None for a volume without one."""
+    try:
+        document = json.loads((folder / "metadata.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    limit = document.get("SizeLimit") if isinstance(document, dict) else None
+    return limit if isinstance(limit, int) else None
+
+
+def clean_entries(folder: Path) -> tuple[set[str], set[str]]:
+    """The names an unused volume's folder must hold, and those it may hold besides."""
+    if size_limit_of(folder) is None:
+        return CLEAN_ENTRIES, STAGING
+    volatile = json.loads((folder / "metadata.json").read_bytes()).get("Volatile") is True
+    return SIZED_ENTRIES | (set() if volatile else {"size.img"}), STAGING | SIZED_OPTIONAL
+
+
+def loop_backing_files() -> list[str]:
+    """What every attached loop device is backed by, as the kernel names it."""
+    found = []
+    for device in Path("/sys/block").glob("loop*"):
+        with contextlib.suppress(OSError):
+            found.append((device / "loop" / "backing_file").read_text().strip())
+    return found
+
+
+def loop_devices_under(root: Path) -> list[str]:
+    """The backing files of the loop devices attached to files under `root`."""
+    top = os.path.realpath(root) + "/"
+    return [backing for backing in loop_backing_files() if backing.startswith(top)]
+
+
+def own_changes(folder: Path, scenario: Scenario) -> dict[str, tuple[object, ...]]:
+    """The volume's changes as a snapshot. A sized volume's are in its storage, read on
+    limit/ while it is mounted, else in its image mounted aside for the while (keyed
+    relative to the upper, so that both compare)."""
+    if scenario.size is None:
+        return snapshot(folder / "upper")
+    if mounts_at(folder / "limit"):
+        return _relative_snapshot(folder / "limit" / "upper")
+    image = folder / "size.img"
+    if scenario.volatile or not image.exists():
+        return {}
+    with image_mounted_aside(image) as top:
+        return _relative_snapshot(top / "upper")
+
+
+def _relative_snapshot(top: Path) -> dict[str, tuple[object, ...]]:
+    return {os.path.relpath(path, top): found for path, found in snapshot(top).items()}
+
+
+@contextlib.contextmanager
+def image_mounted_aside(image: Path) -> Iterator[Path]:
+    """The image's filesystem, mounted on a folder of its own while the block runs."""
+    from docker_on_top import sizelimit
+
+    aside = Path(tempfile.mkdtemp(prefix="image-aside-"))
+    try:
+        sizelimit.mount_image(image, aside)
+        try:
+            yield aside
+        finally:
+            sizelimit.unmount_image(aside)
+    finally:
+        aside.rmdir()
+
+
+def check_image(image: Path, context: str) -> None:
+    """A made image holds a sound filesystem (e2fsck finds nothing to repair)."""
+    checked = subprocess.run(
+        ["e2fsck", "-f", "-n", str(image)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, f"{context}: {image} is damaged:\n{checked.stdout}"
 
 
 @dataclass
@@ -727,7 +952,7 @@ class Expectation:
     @classmethod
     def take(cls, scenario: Scenario, ws: Workspace) -> Expectation:
         folder = ws.root / VOLUME
-        upper = snapshot(folder / "upper") if folder.exists() else {}
+        upper = own_changes(folder, scenario) if folder.exists() else {}
         return cls(scenario, upper, snapshot(ws.base))
 
 
@@ -806,7 +1031,9 @@ def check_usable_and_release(
     assert_clean(ws, context)
     scenario = expectation.scenario
     if scenario.endpoint != CREATE and scenario.keeps_changes:
-        assert snapshot(folder / "upper") == expectation.upper, f"{context}: changes lost"
+        assert own_changes(folder, scenario) == expectation.upper, f"{context}: changes lost"
+    elif scenario.size is not None:
+        assert set(own_changes(folder, scenario)) <= {"."}, f"{context}: changes left"
     elif scenario.volatile or scenario.endpoint == CREATE:
         assert os.listdir(folder / "upper") == [], f"{context}: changes left in upper/"
     assert snapshot(ws.base) == expectation.base, f"{context}: the base changed"
@@ -818,7 +1045,12 @@ def assert_clean(ws: Workspace, context: str) -> None:
     assert read_records(folder) == {}, f"{context}: {read_records(folder)}"
     assert mounts_at(folder / "mountpoint") == [], f"{context}: still mounted for nobody"
     entries = set(os.listdir(folder))
-    assert CLEAN_ENTRIES <= entries <= CLEAN_ENTRIES | STAGING, f"{context}: {sorted(entries)}"
+    required, optional = clean_entries(folder)
+    assert required <= entries <= required | optional, f"{context}: {sorted(entries)}"
+    assert mounts_under(ws.root) == [], f"{context}: mounted for nobody: {mounts_under(ws.root)}"
+    assert loop_devices_under(ws.root) == [], (
+        f"{context}: loop devices stay attached for nobody: {loop_devices_under(ws.root)}"
+    )
 
 
 def warned_about(log: str, folder: Path) -> bool:
@@ -883,7 +1115,13 @@ def verify_after_fault(
                 f"({sorted(os.listdir(folder))}); a retry gets 'volume already exists'"
             )
             document = json.loads((folder / "metadata.json").read_bytes())
-            assert document["BaseDirPath"] == str(ws.base)
+            if scenario.size is None:
+                assert document["BaseDirPath"] == str(ws.base)
+            else:
+                assert document["BaseDirPath"] == [str(ws.base)]
+                assert document["SizeLimit"] == parse_size(scenario.size)
+                if not scenario.volatile:
+                    check_image(folder / "size.img", context)
             assert document["Volatile"] is scenario.volatile
             assert VOLUME in client.names()
         else:
@@ -903,7 +1141,7 @@ def verify_after_fault(
                         f"removed it nor warned about it:\n{log}"
                     )
             else:
-                missing = {"upper", "activemounts"} - set(os.listdir(folder))
+                missing = clean_entries(folder)[0] - {"metadata.json"} - set(os.listdir(folder))
                 assert not missing, (
                     f"{context}: a half-removed volume is visible (List shows it) but lacks "
                     f"{sorted(missing)}, so it cannot mount: {sorted(os.listdir(folder))}"
@@ -915,12 +1153,14 @@ def verify_after_fault(
         client.ok(REMOVE, {"Name": VOLUME})  # the retry; a no-op when it is gone
         assert not folder.exists(), f"{context}: {sorted(os.listdir(folder))}"
         assert mounts_under(ws.root) == [], f"{context}: {mounts_under(ws.root)}"
+        assert loop_devices_under(ws.root) == [], f"{context}: {loop_devices_under(ws.root)}"
         assert VOLUME not in client.names()
         assert snapshot(ws.base) == expectation.base, f"{context}: the base changed"
         return
 
     # Mount and Unmount never remove a volume.
-    assert set(os.listdir(folder)) >= CLEAN_ENTRIES, f"{context}: {sorted(os.listdir(folder))}"
+    required = clean_entries(folder)[0]
+    assert set(os.listdir(folder)) >= required, f"{context}: {sorted(os.listdir(folder))}"
     records = read_records(folder)
     before, after = dict(scenario.users), scenario.records_after()
     if outcome == SUCCEEDED:

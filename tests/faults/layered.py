@@ -207,7 +207,7 @@ def _clone(name: str, origin: str, after: Callable[[State, Views], State]) -> La
         after=after,
         done=lambda ws: exists(ws, "c"),
         request=Scenario(
-            name, CREATE, volume="c", options={"from": origin}, prepare=origin_with_snapshot
+            name, CREATE, volume="c", create_options={"from": origin}, prepare=origin_with_snapshot
         ),
         # From a volume: a snapshot's steps in the daemon, then a clone's.
         in_default="@" in origin,

@@ -13,7 +13,9 @@ started again, without strace, on the same state root, and:
 * the volume mounts and unmounts normally, a regular volume keeps every change made
   through its mount before the crash, a volatile one discards them at its next mount;
 * once every running container has stopped, the volume is unmounted and clean (only
-  the crashed request's own count may be left, as dockerd never gets its answer).
+  the crashed request's own count may be left, as dockerd never gets its answer): for
+  a sized volume, its storage is unmounted too and no loop device is left attached to
+  its image; a Create's image is either a whole filesystem or gone with its volume.
 
 A kill after the reply (an Unmount's teardown, SPEC B11) comes after a reply of
 success: the state must then be that of a success, with no count left over.

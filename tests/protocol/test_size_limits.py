@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,33 @@ def test_writes_past_the_limit_fail_and_deleting_frees_room(
     client.remove("v")
     assert image not in backing_files()
     assert not volume.folder.exists()
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_deleted_files_give_their_room_back_to_the_host(
+    ws: Workspace, client: PluginClient
+) -> None:
+    """The image is sparse, and its filesystem discards what is freed: the loop device
+    punches the blocks out of the image file, so the host disk gets them back."""
+    client.create("v", ws.base, size="128M")
+    image = ws.volume("v").folder / "size.img"
+    mountpoint = Path(client.mount("v", "c1"))
+    assert fill(mountpoint, "big", 64 * MIB) == 64 * MIB
+    os.sync()
+    assert allocated(image) >= 64 * MIB
+    (mountpoint / "big").unlink()
+    # ext4 hands the discards to a worker after the journal commits that sync forces.
+    for _ in range(100):
+        os.sync()
+        if allocated(image) < 8 * MIB:
+            break
+        time.sleep(0.1)
+    assert allocated(image) < 8 * MIB, f"{allocated(image)} bytes still allocated"
+    assert fill(mountpoint, "again", 32 * MIB) == 32 * MIB
+    client.unmount("v", "c1")
 
 
 def test_a_volatile_volume_with_a_size_lives_on_a_tmpfs(
@@ -199,3 +227,39 @@ def test_a_restart_releases_storage_left_mounted(
     assert str(folder / "size.img") not in backing_files()
     client.mount("v", "c1")
     client.unmount("v", "c1")
+
+
+def test_a_restart_detaches_a_device_left_without_autoclear(
+    ws: Workspace, daemon: Daemon, client: PluginClient
+) -> None:
+    """Where the kernel lacks LOOP_CONFIGURE a device is bound in two steps, and a crash
+    between them leaves it attached without AUTOCLEAR: nothing would ever detach it."""
+    import fcntl
+
+    from docker_on_top import loopdev
+
+    client.create("v", ws.base, size="16M")
+    image = ws.volume("v").folder / "size.img"
+    daemon.kill()
+    control = os.open("/dev/loop-control", os.O_RDWR)
+    backing = os.open(image, os.O_RDWR)
+    try:
+        number = fcntl.ioctl(control, loopdev._LOOP_CTL_GET_FREE)
+        device = loopdev._open_device(number, os.O_RDWR)
+        try:
+            fcntl.ioctl(device, loopdev._LOOP_SET_FD, backing)  # the first step only
+        finally:
+            os.close(device)
+    finally:
+        os.close(backing)
+        os.close(control)
+    try:
+        assert str(image) in backing_files()
+        ws.start()
+        assert str(image) not in backing_files()
+        client.mount("v", "c1")
+        client.unmount("v", "c1")
+        assert str(image) not in backing_files()
+    finally:
+        if str(image) in backing_files():
+            loopdev.detach(number)

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from docker_on_top import changes
 from docker_on_top.cli import main
 from docker_on_top.driver import Driver
 
@@ -254,6 +255,22 @@ def test_a_directory_swapped_for_a_symlink_after_the_listing_is_not_followed(
         assert SECRET not in str(layer_names(layer.read_bytes()))
     if command == "inspect":
         assert json.loads(out)["ChangesApparentBytes"] < 1_000_000
+
+
+def test_a_snapshots_copy_of_an_upper_never_follows_a_directory_swapped_for_a_symlink(
+    workspace: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sized volume's snapshot copies its upper out of the image (changes.copy_upper)."""
+    upper = workspace / "upper"
+    (upper / "z").mkdir(parents=True)
+    (upper / "z" / "inner").write_text("inner")
+    monkeypatch.setattr(
+        os, "scandir", SwappedAfterListing(upper, symlink_in_place_of(upper / "z", outside))
+    )
+    changes.copy_upper(upper, workspace / "layer")
+    assert os.readlink(workspace / "layer" / "z") == str(outside)
+    copied = [str(path) for path in (workspace / "layer").rglob("*")]
+    assert not any(SECRET in path for path in copied), copied
 
 
 def test_a_container_swapping_a_directory_for_a_symlink_meanwhile_leaks_nothing(

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,6 +160,53 @@ def test_the_smallest_image_has_a_journal(scratch: Path) -> None:
     ).stdout
     assert "has_journal" in header
     assert "Reserved block count:     0" in header
+
+
+def test_mkfs_makes_its_filesystem_in_the_file_made_for_it_whatever_the_path_names_later(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon killed while mkfs.ext4 runs leaves it running, orphaned; the restart
+    removes the half-made volume and the retried Create makes a new image at the same
+    path. mkfs.ext4, held here until then, must make its filesystem in the file it was
+    started for, never in the new one."""
+    started, go = scratch / "started", scratch / "go"
+    tools = scratch / "bin"
+    tools.mkdir()
+    (tools / "mkfs.ext4").write_text(
+        f"#!/bin/sh\ntouch {started}\nwhile [ ! -e {go} ]; do sleep 0.01; done\n"
+        f'exec {shutil.which("mkfs.ext4")} "$@"\n'
+    )
+    (tools / "mkfs.ext4").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+    path = scratch / "size.img"
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            sizelimit.make_image(path, 16 * MIB)
+        except BaseException as error:
+            failed.append(error)
+
+    maker = threading.Thread(target=make)
+    maker.start()
+    try:
+        for _ in range(3000):
+            if started.exists() or not maker.is_alive():
+                break
+            time.sleep(0.01)
+        assert started.exists(), failed
+        os.rename(path, scratch / "removed.img")  # what the restart's recovery does
+        with open(path, "xb") as retried:  # the retried Create's new image
+            retried.truncate(16 * MIB)
+    finally:
+        go.touch()
+        maker.join(60)
+    assert not failed, failed
+    assert path.stat().st_blocks == 0, "mkfs.ext4 wrote the new file at the path"
+    checked = subprocess.run(
+        ["e2fsck", "-f", "-n", str(scratch / "removed.img")], capture_output=True, check=False
+    )
+    assert checked.returncode == 0, checked
 
 
 def test_an_image_is_sparse_and_its_root_is_roots_with_mode_0755(
