@@ -85,7 +85,8 @@ class PluginAPI:
                 raise UserError(f"unknown endpoint {path}")
             if request.method != "POST":
                 raise UserError(f"{path} takes POST, not {request.method}")
-            return _json(200, route(_decode(path, request.body)))
+            document = route(_decode(path, request.body))
+            return _json(200, document) if document else _DONE
         except UserError as error:
             log.info("%s refused: %s", path, error)
             return _json(500, {"Err": str(error)})
@@ -124,6 +125,10 @@ class PluginAPI:
 
 def _json(status: int, document: Mapping[str, object]) -> Response:
     return Response(status, json.dumps(document).encode(), CONTENT_TYPE)
+
+
+# The reply to a Create, Remove or Unmount that succeeded, encoded once.
+_DONE = _json(200, {})
 
 
 def _decode(path: str, body: bytes) -> Mapping[str, object]:
