@@ -85,8 +85,7 @@ class PluginAPI:
                 raise UserError(f"unknown endpoint {path}")
             if request.method != "POST":
                 raise UserError(f"{path} takes POST, not {request.method}")
-            document = route(_decode(path, request.body))
-            return _json(200, document) if document else _DONE
+            return _json(200, route(_decode(path, request.body)))
         except UserError as error:
             log.info("%s refused: %s", path, error)
             return _json(500, {"Err": str(error)})
@@ -125,10 +124,6 @@ class PluginAPI:
 
 def _json(status: int, document: Mapping[str, object]) -> Response:
     return Response(status, json.dumps(document).encode(), CONTENT_TYPE)
-
-
-# The reply to a Create, Remove or Unmount that succeeded, encoded once.
-_DONE = _json(200, {})
 
 
 def _decode(path: str, body: bytes) -> Mapping[str, object]:

@@ -11,9 +11,13 @@ pool: at most MAX_WORKERS threads, one started when work finds none idle, each e
 after a while without work; work beyond that waits in the pool's queue while the loop
 goes on serving. A worker answers the request, sends the reply itself (so all the
 syscalls of a request, up to its reply, are on one thread; tests/faults counts on it),
-and hands the connection back to the loop through the wake-up pipe; the loop sends what
-did not fit in the socket's buffer. While a worker has a connection, the loop does not
-touch its socket.
+and hands the connection back to the loop; the loop sends what did not fit in the
+socket's buffer. While a worker has a connection, the loop does not read or write its
+socket, but goes on listening to it: when the reply went out whole, the worker wakes
+nobody, and the loop takes the connection back at its next wake-up (the client's next
+request at the latest), so a request costs no re-registration of its socket, nor a
+write to the wake-up pipe. Should the client send or hang up meanwhile, the loop stops
+listening and the worker wakes it when done.
 
 Why a pool and not a thread per connection: a connection costs no thread (dockerd keeps
 idle keep-alive connections, and MAX_CONNECTIONS clients may stall), a client that
@@ -102,6 +106,7 @@ class _Client:
         "sock",
         "state",
         "unsent",
+        "wake_loop",
     )
 
     def __init__(self, sock: socket.socket, now: float) -> None:
@@ -118,6 +123,9 @@ class _Client:
         self.ended = False  # the client sends nothing more
         self.closing = False  # close once the reply is sent
         self.refused = False  # the reply is an error about the request itself
+        # Set by the loop when it stops listening to a client a worker has: the worker
+        # must then wake it when it hands the connection back.
+        self.wake_loop = False
 
     def waits_on_client(self) -> bool:
         return self.state is not _State.ANSWERING
@@ -169,7 +177,14 @@ class PluginServer:
         try:
             while self._listener is not None or self._clients:
                 timeout = max(0.0, self._next_sweep - time.monotonic())
-                for key, events in self._selector.select(timeout):
+                ready = self._selector.select(timeout)
+                # First the connections handed back: a client's next request may be
+                # among the events, and its connection is then the loop's again; and the
+                # requests they have pipelined, before the loop reads more from them (an
+                # end of stream read first would end the connection before those).
+                self._take_handed_back()
+                self._take_pending_requests()
+                for key, events in ready:
                     if self._listener is not None and key.fileobj is self._listener.socket:
                         self._accept()
                     elif key.data is None:  # the wake-up pipe
@@ -281,7 +296,14 @@ class PluginServer:
         client.events = events
 
     def _on_ready(self, client: _Client, events: int) -> None:
-        if events & selectors.EVENT_WRITE:
+        if client not in self._clients:
+            return  # closed since the select, as it was handed back
+        if client.state is _State.ANSWERING:
+            # A worker has it: stop listening (a level-triggered event would come back
+            # at once) until the worker hands it back, which then wakes the loop.
+            client.wake_loop = True
+            self._listen_for(client, 0)
+        elif events & selectors.EVENT_WRITE:
             self._send(client)
         elif events & selectors.EVENT_READ:
             self._receive(client)
@@ -329,7 +351,9 @@ class PluginServer:
         client.state = _State.ANSWERING
         client.closing = client.ended or not request.keep_alive
         if self._app.may_block(request):
-            self._listen_for(client, 0)
+            # The loop goes on listening: a keep-alive connection's next request then
+            # needs no new registration, nor the worker a wake-up of the loop.
+            client.wake_loop = False
             self._workers.submit(lambda: self._answer_on_worker(client, request))
             return
         response = self._app.answer(request)
@@ -364,6 +388,16 @@ class PluginServer:
             client.unsent = memoryview(reply)[sent:]
             client.answered = request, response
             self._handed_back.append((client, True))
+            if not (
+                client.unsent
+                or client.closing
+                or client.wake_loop
+                or self._stop_requested
+                or not client.reader.idle  # pipelined requests, read already
+            ):
+                # All sent and the loop still listens: it takes the connection back at
+                # its next wake-up, the client's next request at the latest.
+                return
         self._wake()
 
     def _take_handed_back(self) -> None:
