@@ -43,6 +43,7 @@ import logging
 import os
 import selectors
 import socket
+import threading
 import time
 from collections import deque
 from contextlib import suppress
@@ -105,6 +106,7 @@ class _Client:
         "reader",
         "reads",
         "refused",
+        "replying",
         "since",
         "sock",
         "state",
@@ -125,6 +127,8 @@ class _Client:
         self.ended = False  # the client sends nothing more
         self.closing = False  # close once the reply is sent
         self.refused = False  # the reply is an error about the request itself
+        # Held by a worker from the sending of its reply to the handing back.
+        self.replying = threading.Lock()
 
     def waits_on_client(self) -> bool:
         return self.state is not _State.ANSWERING
@@ -303,9 +307,19 @@ class PluginServer:
         if client not in self._clients:
             return  # closed since the select, as it was handed back
         if client.state is _State.ANSWERING:
-            # A worker has it: stop listening (a level-triggered event would come back
-            # at once) until the worker hands it back. The worker is not asked to wake
-            # the loop for it: whether it must would then depend on when the client
+            # Most often the client's next request, sent as soon as it had the reply,
+            # while the worker was handing the connection back: wait for that.
+            if client.replying.locked():
+                with client.replying:
+                    pass
+            self._take_handed_back()
+            self._take_pending_requests()  # before an end of stream is read (see above)
+            if client not in self._clients:
+                return
+        if client.state is _State.ANSWERING:
+            # The worker is still at work: stop listening (a level-triggered event would
+            # come back at once) until it hands the connection back. It is not asked to
+            # wake the loop for it: whether it must would then depend on when the client
             # sent, and the worker's calls would differ from run to run (tests/faults
             # counts them); the loop looks for it instead.
             self._listen_for(client, 0)
@@ -382,27 +396,31 @@ class PluginServer:
         """On a worker: answer and send; then hand the connection back to the loop."""
         response = self._app.answer(request)
         reply = bytes(client.unsent) + encode_response(response, keep_alive=request.keep_alive)
-        try:
-            sent = client.sock.send(reply)
-        except BlockingIOError:
-            sent = 0
-        except OSError as error:
-            log.debug("connection closed before its reply: %s", error)
+        failure = None
+        with client.replying:
+            try:
+                sent = client.sock.send(reply)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                failure = error
+            else:
+                client.unsent = memoryview(reply)[sent:]
+                client.answered = request, response
+                self._handed_back.append((client, True))
+        if failure is not None:
+            log.debug("connection closed before its reply: %s", failure)
             self._app.undelivered(request, response)
             self._handed_back.append((client, False))
-        else:
-            client.unsent = memoryview(reply)[sent:]
-            client.answered = request, response
-            self._handed_back.append((client, True))
-            if not (
-                client.unsent
-                or client.closing
-                or self._stop_requested
-                or not client.reader.idle  # pipelined requests, read already
-            ):
-                # All sent and the loop still listens: it takes the connection back at
-                # its next wake-up, the client's next request at the latest.
-                return
+        elif not (
+            client.unsent
+            or client.closing
+            or self._stop_requested
+            or not client.reader.idle  # pipelined requests, read already
+        ):
+            # All sent and the loop still listens: it takes the connection back at its
+            # next wake-up, the client's next request at the latest.
+            return
         self._wake()
 
     def _take_handed_back(self) -> None:
