@@ -38,7 +38,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import protocol  # noqa: E402
-from run_all import SCRATCH_PARENT, TMPFS_PARENT, Daemon, unmount_under  # noqa: E402
+from kernel_floor import unmount_under  # noqa: E402
+from run_all import SCRATCH_PARENT, TMPFS_PARENT, Daemon  # noqa: E402
 
 _LINE = re.compile(r" \(([^)]*?)(?::\d+)?\)$")
 
@@ -54,7 +55,7 @@ def summarise(raw: Path, top: int) -> str:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if "connection" not in stack:  # only the threads that serve requests
+        if "PluginServer" not in stack:  # only the loop and the workers, serving requests
             continue
         count = int(count_text)
         frames = [_frame_name(frame) for frame in stack.split(";")[2:]]

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # dockerd's mount IDs are 64 hex digits; anything that is one plain file name is accepted.
 MOUNT_ID_PATTERN = NAME_PATTERN
+# List looks at each volume's mountpoint up to this many volumes, and reads the mount
+# table once beyond: the crossing point of the two costs.
+_STAT_EACH_UP_TO = 16
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,18 @@ class Driver:
         )
 
     def list_volumes(self) -> list[VolumeInfo]:
-        # One read of the mount table rather than a look into each volume's records.
-        mounted = kernel.mount_points()
-        real_root = os.path.realpath(self.store.root)
-        listed = (
-            self._listed(volume, mounted=f"{real_root}/{volume.name}/mountpoint" in mounted)
-            for volume in self.store.volumes()
-        )
+        volumes = list(self.store.volumes())
+        if len(volumes) <= _STAT_EACH_UP_TO:
+            # A stat or two for each (a folder not mounted has no mountpoint/): the mount
+            # table costs more than that to read (over 100 µs, more with each mount).
+            listed = (self._listed(volume, mounted=_mounted(volume)) for volume in volumes)
+        else:
+            mounted = kernel.mount_points()
+            real_root = os.path.realpath(self.store.root)
+            listed = (
+                self._listed(volume, mounted=f"{real_root}/{volume.name}/mountpoint" in mounted)
+                for volume in volumes
+            )
         return [info for info in listed if info is not None]
 
     def get(self, name: str) -> VolumeInfo:
@@ -161,9 +169,12 @@ class Driver:
             metadata = self.store.metadata(volume)
             self.releases.retry(volume)
             try:
-                first_user = not volume.records.in_use()
+                # One listing says both whether anyone uses the volume and whether this
+                # ID has a record to count up (the open of a missing record is spared).
+                users = volume.records.ids()
             except OSError as error:
                 raise InternalError("failed to read the volume's usage records", error) from error
+            first_user = not users
             mounted_here = False
             if first_user:
                 metadata = settle(self.store, volume, metadata)
@@ -180,14 +191,14 @@ class Driver:
                         "volume %s: reusing its overlay, which something on the host holds",
                         name,
                     )
-            elif not kernel.is_mount_point(volume.mountpoint):
+            elif not kernel.is_mount_point(volume.mountpoint_str):
                 log.warning(
                     "volume %s has usage records but no overlay mounted; mounting it again", name
                 )
                 overlay.mount(self.store, volume, metadata, discard=False)
                 mounted_here = True
             try:
-                count = 0 if first_user else usage_count(volume, mount_id) or 0
+                count = (usage_count(volume, mount_id) or 0) if mount_id in users else 0
                 volume.records.set(mount_id, count + 1)
             except OSError as error:
                 # No record may exist without a mount, nor a mount we made without a record.
@@ -274,6 +285,14 @@ def _tear_down(volume: Volume) -> None:
             volume.name,
             error,
         )
+
+
+def _mounted(volume: Volume) -> bool:
+    """For List, which never fails for a volume: one removed meanwhile is not mounted."""
+    try:
+        return kernel.is_mount_point(volume.mountpoint_str)
+    except OSError:
+        return False
 
 
 def _check_mount_id(mount_id: object) -> None:

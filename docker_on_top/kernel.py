@@ -49,16 +49,21 @@ _PINNED_OFF = "index=off,metacopy=off,redirect_dir=off,xino=off"
 UNSAFE_OPTION_CHARACTERS = frozenset(",:")
 
 
-def _raise_errno(call: str, path: Path) -> None:
+def _raise_errno(call: str, path: str | Path) -> None:
     code = ctypes.get_errno()
     raise OSError(code, f"{call}: {os.strerror(code)}", str(path))
 
 
-def _escaped(path: Path) -> str:
-    if UNSAFE_OPTION_CHARACTERS & set(str(path)):
+def _unsafe(path: str) -> bool:
+    return "," in path or ":" in path  # UNSAFE_OPTION_CHARACTERS, without making a set
+
+
+def _escaped(path: str | Path) -> str:
+    text = str(path)
+    if _unsafe(text):
         raise ValueError(f"path {path} contains ',' or ':' and cannot be an overlay option")
     # overlayfs removes backslash escapes from the paths in its options.
-    return str(path).replace("\\", "\\\\")
+    return text.replace("\\", "\\\\")
 
 
 # mount(2) takes its options in one page.
@@ -68,10 +73,10 @@ _OPTIONS_MAX = 4095
 def mount_overlay(
     *,
     source: str,
-    lowers: Sequence[Path],
-    upper: Path | None,
-    work: Path | None,
-    target: Path,
+    lowers: Sequence[str | Path],
+    upper: str | Path | None,
+    work: str | Path | None,
+    target: str | Path,
     volatile: bool = False,
 ) -> None:
     """Mount an overlay of `lowers` (topmost first) under `upper` on `target`; without
@@ -83,7 +88,7 @@ def mount_overlay(
     and the kernel has it; elsewhere such a mount raises ValueError.
     """
     paths = [*lowers, *(p for p in (upper, work) if p is not None)]
-    if not any(UNSAFE_OPTION_CHARACTERS & set(str(path)) for path in paths):
+    if not any(_unsafe(str(path)) for path in paths):
         options = overlay_options(lowers, upper, work, volatile)
         if len(os.fsencode(options)) <= _OPTIONS_MAX:
             _mount("overlay", source, target, MS_RDONLY if upper is None else 0, options)
@@ -103,7 +108,7 @@ def mount_read_only_overlay(layers: Sequence[Path], target: Path) -> None:
 
 
 def overlay_options(
-    lowers: Sequence[Path], upper: Path | None, work: Path | None, volatile: bool
+    lowers: Sequence[str | Path], upper: str | Path | None, work: str | Path | None, volatile: bool
 ) -> str:
     """The option string of an overlay mount(2); `volatile` skips every sync to disk."""
     options = "lowerdir=" + ":".join(_escaped(lower) for lower in lowers)
@@ -170,10 +175,10 @@ def _fsconfig(context: int, command: int, key: str | None, value: str | None) ->
 
 def _mount_overlay_by_parts(
     source: str,
-    lowers: Sequence[Path],
-    upper: Path | None,
-    work: Path | None,
-    target: Path,
+    lowers: Sequence[str | Path],
+    upper: str | Path | None,
+    work: str | Path | None,
+    target: str | Path,
     volatile: bool,
 ) -> None:
     context = _syscall(_SYS_FSOPEN, b"overlay", ctypes.c_uint(_FSOPEN_CLOEXEC))
@@ -237,7 +242,7 @@ def mount_filesystem(fs_type: str, source: str, target: Path, flags: int, option
     _mount(fs_type, source, target, flags, options)
 
 
-def _mount(fs_type: str, source: str, target: Path, flags: int, options: str) -> None:
+def _mount(fs_type: str, source: str, target: str | Path, flags: int, options: str) -> None:
     if (
         _libc.mount(
             os.fsencode(source),
@@ -310,7 +315,7 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
-def unmount(target: Path, *, flags: int = 0) -> None:
+def unmount(target: str | Path, *, flags: int = 0) -> None:
     if _libc.umount2(os.fsencode(target), flags) != 0:
         _raise_errno("umount2", target)
 
@@ -363,7 +368,7 @@ def _unescaped(field: bytes) -> str:
     return os.fsdecode(field)
 
 
-def is_mount_point(path: Path) -> bool:
+def is_mount_point(path: str | Path) -> bool:
     """Whether something is mounted on `path` (its device differs from its parent's).
 
     False when `path` does not exist.
@@ -372,7 +377,7 @@ def is_mount_point(path: Path) -> bool:
         own = os.stat(path).st_dev
     except FileNotFoundError:
         return False
-    return own != os.stat(path.parent).st_dev
+    return own != os.stat(os.path.dirname(path)).st_dev
 
 
 class LockTimeout(Exception):

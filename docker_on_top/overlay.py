@@ -35,7 +35,7 @@ _MAX_STACKED_MOUNTS = 16
 
 def mountpoint_reply(volume: Volume) -> str:
     # The Go plugin answers with a trailing slash; kept for byte-identical replies.
-    return f"{volume.mountpoint}/"
+    return f"{volume.mountpoint_str}/"
 
 
 def mount(store: VolumeStore, volume: Volume, metadata: Metadata, *, discard: bool) -> None:
@@ -48,11 +48,13 @@ def mount(store: VolumeStore, volume: Volume, metadata: Metadata, *, discard: bo
     except OSError as error:
         raise InternalError("failed to prepare the mount folders", error) from error
     storage_mounted = False
+    upper: str | Path
+    work: str | Path
     try:
         if sized:
             upper, work, storage_mounted = _mount_storage(volume, metadata, fresh=discard)
         else:
-            upper, work = volume.upper, volume.workdir
+            upper, work = volume.upper_str, volume.workdir_str
             if discard and metadata.volatile:
                 volume.discard_changes()
         kernel.mount_overlay(
@@ -60,7 +62,7 @@ def mount(store: VolumeStore, volume: Volume, metadata: Metadata, *, discard: bo
             lowers=store.lowers(metadata),
             upper=upper,
             work=work,
-            target=volume.mountpoint,
+            target=volume.mountpoint_str,
             volatile=metadata.volatile,
         )
     except (OSError, ValueError, sizelimit.ImageInUse, sizelimit.ToolFailed) as error:
@@ -169,10 +171,10 @@ def free_mountpoint(volume: Volume) -> bool:
     crash). False when something on the host still holds one: it then stays, since two
     overlays must never share one upper (the kernel calls that undefined)."""
     for _ in range(_MAX_STACKED_MOUNTS):
-        if not kernel.is_mount_point(volume.mountpoint):
+        if not kernel.is_mount_point(volume.mountpoint_str):
             return True
         try:
-            kernel.unmount(volume.mountpoint)
+            kernel.unmount(volume.mountpoint_str)
         except OSError as error:
             if error.errno == errno.EBUSY:
                 return False
@@ -207,7 +209,7 @@ def detach_devices(volume: Volume) -> None:
             loopdev.detach(number)
 
 
-def _remove_quietly(volume: Volume, folders: list[Path]) -> None:
+def _remove_quietly(volume: Volume, folders: list[str]) -> None:
     try:
         volume.remove_folders(folders)
     except OSError as error:

@@ -80,6 +80,11 @@ class PendingReleases:
 
     def retry(self, volume: Volume) -> None:
         """Under the volume's lock: apply them; InternalError when one still fails."""
+        if volume.name not in self._pending:
+            # Every Mount and Unmount asks, and there are almost never any. Without the
+            # guard: an Unmount that adds some just after this look would have added
+            # them just after a take() too, and they wait for the next request.
+            return
         pending = self.take(volume)
         if not pending:
             return

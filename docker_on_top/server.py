@@ -11,11 +11,16 @@ pool: at most MAX_WORKERS threads, one started when work finds none idle, each e
 after a while without work; work beyond that waits in the pool's queue while the loop
 goes on serving. A worker answers the request, sends the reply itself (so all the
 syscalls of a request, up to its reply, are on one thread; tests/faults counts on it),
-and hands the connection back to the loop through the wake-up pipe; the loop sends what
-did not fit in the socket's buffer. While a worker has a connection, the loop does not
-touch its socket. The application may go on working on the worker once it has replied
-(an Unmount's teardown, SPEC B11): the connection is the loop's again meanwhile, and a
-stop waits for that work as for every job of the pool.
+and hands the connection back to the loop; the loop sends what did not fit in the
+socket's buffer. While a worker has a connection, the loop does not read or write its
+socket, but goes on listening to it: when the reply went out whole, the worker wakes
+nobody, and the loop takes the connection back at its next wake-up (the client's next
+request at the latest), so a request costs no re-registration of its socket, nor a
+write to the wake-up pipe. Should the client send or hang up meanwhile, the loop stops
+listening and looks for the connection's return every millisecond. The application may go on
+working on the worker once it has replied (an Unmount's teardown, SPEC B11): the
+connection is the loop's again meanwhile, and a stop waits for that work as for every
+job of the pool.
 
 Why a pool and not a thread per connection: a connection costs no thread (dockerd keeps
 idle keep-alive connections, and MAX_CONNECTIONS clients may stall), a client that
@@ -41,6 +46,7 @@ import logging
 import os
 import selectors
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -66,6 +72,9 @@ _SWEEP_INTERVAL_S = 5.0
 # that closing does not reset the connection before it has read the reply.
 _DRAIN_S = 1.0
 _DRAIN_READS = 64
+# How often the loop looks for the return of a connection it stopped listening to while
+# a worker had it (its client sent more, or hung up, meanwhile: rare).
+_PARKED_POLL_S = 0.001
 # Requests that may block run at once up to this many. Each request waiting on a volume's
 # lock holds a worker, so this many can wait on one volume before requests for other
 # volumes queue behind them (4 s each, the driver's bound on a lock wait); an idle
@@ -108,6 +117,7 @@ class _Client:
         "reader",
         "reads",
         "refused",
+        "replying",
         "since",
         "sock",
         "state",
@@ -128,6 +138,8 @@ class _Client:
         self.ended = False  # the client sends nothing more
         self.closing = False  # close once the reply is sent
         self.refused = False  # the reply is an error about the request itself
+        # Held by a worker from the sending of its reply to the handing back.
+        self.replying = threading.Lock()
 
     def waits_on_client(self) -> bool:
         return self.state is not _State.ANSWERING
@@ -147,6 +159,9 @@ class PluginServer:
         self._selector = selectors.DefaultSelector()
         self._clients: set[_Client] = set()
         self._pending: deque[_Client] = deque()
+        # Connections a worker has that the client sent to or hung up on: the loop stopped
+        # listening to them and looks for their return every _PARKED_POLL_S.
+        self._parked: set[_Client] = set()
         self._next_sweep = 0.0
 
     def request_stop(self) -> None:
@@ -179,7 +194,16 @@ class PluginServer:
         try:
             while self._listener is not None or self._clients:
                 timeout = max(0.0, self._next_sweep - time.monotonic())
-                for key, events in self._selector.select(timeout):
+                if self._parked:
+                    timeout = min(timeout, _PARKED_POLL_S)
+                ready = self._selector.select(timeout)
+                # First the connections handed back: a client's next request may be
+                # among the events, and its connection is then the loop's again; and the
+                # requests they have pipelined, before the loop reads more from them (an
+                # end of stream read first would end the connection before those).
+                self._take_handed_back()
+                self._take_pending_requests()
+                for key, events in ready:
                     if self._listener is not None and key.fileobj is self._listener.socket:
                         self._accept()
                     elif key.data is None:  # the wake-up pipe
@@ -291,7 +315,27 @@ class PluginServer:
         client.events = events
 
     def _on_ready(self, client: _Client, events: int) -> None:
-        if events & selectors.EVENT_WRITE:
+        if client not in self._clients:
+            return  # closed since the select, as it was handed back
+        if client.state is _State.ANSWERING:
+            # Most often the client's next request, sent as soon as it had the reply,
+            # while the worker was handing the connection back: wait for that.
+            if client.replying.locked():
+                with client.replying:
+                    pass
+            self._take_handed_back()
+            self._take_pending_requests()  # before an end of stream is read (see above)
+            if client not in self._clients:
+                return
+        if client.state is _State.ANSWERING:
+            # The worker is still at work: stop listening (a level-triggered event would
+            # come back at once) until it hands the connection back. It is not asked to
+            # wake the loop for it: whether it must would then depend on when the client
+            # sent, and the worker's calls would differ from run to run (tests/faults
+            # counts them); the loop looks for it instead.
+            self._listen_for(client, 0)
+            self._parked.add(client)
+        elif events & selectors.EVENT_WRITE:
             self._send(client)
         elif events & selectors.EVENT_READ:
             self._receive(client)
@@ -339,7 +383,8 @@ class PluginServer:
         client.state = _State.ANSWERING
         client.closing = client.ended or not request.keep_alive
         if self._app.may_block(request):
-            self._listen_for(client, 0)
+            # The loop goes on listening: a keep-alive connection's next request then
+            # needs no new registration, nor the worker a wake-up of the loop.
             self._workers.submit(lambda: self._answer_on_worker(client, request))
             return
         self._app.answer(request, lambda response: self._reply_on_loop(client, request, response))
@@ -367,23 +412,37 @@ class PluginServer:
 
     def _reply_on_worker(self, client: _Client, request: Request, response: Response) -> None:
         reply = bytes(client.unsent) + encode_response(response, keep_alive=request.keep_alive)
-        try:
-            sent = client.sock.send(reply)
-        except BlockingIOError:
-            sent = 0
-        except OSError as error:
-            log.debug("connection closed before its reply: %s", error)
+        failure = None
+        with client.replying:
+            try:
+                sent = client.sock.send(reply)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                failure = error
+            else:
+                client.unsent = memoryview(reply)[sent:]
+                client.answered = request, response
+                self._handed_back.append((client, True))
+        if failure is not None:
+            log.debug("connection closed before its reply: %s", failure)
             self._app.undelivered(request, response)
             self._handed_back.append((client, False))
-        else:
-            client.unsent = memoryview(reply)[sent:]
-            client.answered = request, response
-            self._handed_back.append((client, True))
+        elif not (
+            client.unsent
+            or client.closing
+            or self._stop_requested
+            or not client.reader.idle  # pipelined requests, read already
+        ):
+            # All sent and the loop still listens: it takes the connection back at its
+            # next wake-up, the client's next request at the latest.
+            return
         self._wake()
 
     def _take_handed_back(self) -> None:
         while self._handed_back:
             client, delivering = self._handed_back.popleft()
+            self._parked.discard(client)
             if not delivering:
                 self._close(client)
                 continue

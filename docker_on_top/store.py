@@ -45,24 +45,36 @@ class MetadataCache:
         """The volume's metadata and when it was made (RFC 3339); raises OSError (as
         FileNotFoundError when the volume has no metadata.json) or ValueError."""
         status = os.stat(volume.metadata_file)
-        stamp = (
-            status.st_ino,
-            status.st_dev,
-            status.st_size,
-            status.st_mtime_ns,
-            status.st_ctime_ns,
-        )
+        stamp = _stamp(status)
         entry = self._entries.get(volume.name)
         if entry is None or entry[0] != stamp:
             metadata = volume.read_metadata()
-            # For Go-made volumes: when metadata.json was written.
-            created_at = metadata.created_at or rfc3339(status.st_mtime)
-            entry = (stamp, metadata, created_at)
-            self._entries[volume.name] = entry
+            entry = self._entries[volume.name] = (stamp, metadata, _created_at(metadata, status))
         return entry[1], entry[2]
+
+    def remember(self, volume: Volume, metadata: Metadata) -> None:
+        """Keep `metadata`, just written: dockerd asks for the volume (Get) right after
+        creating it, and a stat is then all that asks."""
+        status = os.stat(volume.metadata_file)
+        self._entries[volume.name] = (_stamp(status), metadata, _created_at(metadata, status))
 
     def forget(self, name: str) -> None:
         self._entries.pop(name, None)
+
+
+def _stamp(status: os.stat_result) -> tuple[int, ...]:
+    return (
+        status.st_ino,
+        status.st_dev,
+        status.st_size,
+        status.st_mtime_ns,
+        status.st_ctime_ns,
+    )
+
+
+def _created_at(metadata: Metadata, status: os.stat_result) -> str:
+    # For Go-made volumes: when metadata.json was written.
+    return metadata.created_at or rfc3339(status.st_mtime)
 
 
 class VolumeStore:
@@ -143,6 +155,10 @@ class VolumeStore:
             raise UserError("volume already exists") from None
         except OSError as error:
             raise InternalError("failed to create the volume's folder", error) from error
+        try:
+            self._metadata_cache.remember(volume, metadata)
+        except OSError as error:  # the next read stats it again anyway
+            log.warning("volume %s: cannot stat its new metadata.json: %s", volume.name, error)
 
     def forget(self, volume: Volume) -> None:
         self._metadata_cache.forget(volume.name)

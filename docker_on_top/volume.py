@@ -222,9 +222,13 @@ class Volume:
             raise ValueError(f"invalid volume name {name!r}")
         self.name = name
         self._root = root
-        # The folder as a string, for the paths of the requests' hot path.
+        # The folder and the paths a Mount touches as strings: a Mount runs a dozen
+        # syscalls on them, and making each a Path would cost more than the syscalls.
         self.location = f"{root}/{name}"
         self.metadata_file = f"{self.location}/metadata.json"
+        self.mountpoint_str = f"{self.location}/mountpoint"
+        self.workdir_str = f"{self.location}/workdir"
+        self.upper_str = f"{self.location}/upper"
 
     @cached_property
     def folder(self) -> Path:
@@ -232,15 +236,15 @@ class Volume:
 
     @cached_property
     def upper(self) -> Path:
-        return Path(f"{self.location}/upper")
+        return Path(self.upper_str)
 
     @cached_property
     def workdir(self) -> Path:
-        return Path(f"{self.location}/workdir")
+        return Path(self.workdir_str)
 
     @cached_property
     def mountpoint(self) -> Path:
-        return Path(f"{self.location}/mountpoint")
+        return Path(self.mountpoint_str)
 
     @cached_property
     def records(self) -> UsageRecords:
@@ -318,7 +322,8 @@ class Volume:
     def in_progress(self, kind: str) -> str | None:
         """The layer of a snapshot or rollback (`kind`) cut short, if any."""
         try:
-            layer = json.loads(self.intent(kind).read_bytes())["Layer"]
+            # Asked at every first Mount, where the file is missing: one failed open(2).
+            layer = json.loads(read_file(f"{self.location}/{kind}.json"))["Layer"]
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as error:
@@ -399,39 +404,39 @@ class Volume:
         os.rename(self.location, doomed)
         remove_tree(doomed)
 
-    def make_mount_folders(self, *, workdir: bool = True) -> list[Path]:
+    def make_mount_folders(self, *, workdir: bool = True) -> list[str]:
         """Create `mountpoint/` and an empty `workdir/` (unless a sized volume keeps it
         in its storage); returns the folders this call made.
 
         A leftover mountpoint is reused. A leftover workdir is emptied: it holds only the
         kernel's scratch files, and those of a volatile overlay make the next mount fail.
         """
-        created: list[Path] = []
+        created: list[str] = []
         try:
             try:
-                self.mountpoint.mkdir()
-                created.append(self.mountpoint)
+                os.mkdir(self.mountpoint_str)
+                created.append(self.mountpoint_str)
             except FileExistsError:
-                log.warning("volume %s: reusing the leftover %s", self.name, self.mountpoint)
+                log.warning("volume %s: reusing the leftover %s", self.name, self.mountpoint_str)
             if workdir:
                 try:
-                    self.workdir.mkdir()
+                    os.mkdir(self.workdir_str)
                 except FileExistsError:
-                    log.warning("volume %s: emptying the leftover %s", self.name, self.workdir)
-                    remove_tree(self.workdir)
-                    self.workdir.mkdir()
-                created.append(self.workdir)
+                    log.warning("volume %s: emptying the leftover %s", self.name, self.workdir_str)
+                    remove_tree(self.workdir_str)
+                    os.mkdir(self.workdir_str)
+                created.append(self.workdir_str)
         except OSError:
             self.remove_folders(created)
             raise
         return created
 
-    def remove_folders(self, folders: list[Path]) -> None:
+    def remove_folders(self, folders: list[str]) -> None:
         for folder in folders:
-            if folder == self.workdir:
+            if folder == self.workdir_str:
                 remove_tree(folder)
             else:
-                folder.rmdir()
+                os.rmdir(folder)
 
     def remove_mount_folders(self) -> None:
         # Strings, not pathlib: this is the end of every last Unmount (see UsageRecords).

@@ -17,8 +17,9 @@ The counting starts at the attach, and until the request arrives the loop only w
 epoll_wait; accepting and reading the connection, and handing the request to a worker,
 are not in the traced set, so the counts are those of the request, all on one thread
 (a worker started for it is traced from its first syscall). Once the reply is sent
-(sendto), the worker writes a byte to the loop's wake-up pipe; strace counts it like
-any write, so it stays among the calls, marked `wake_up`: no error is injected there.
+(sendto), the worker may write a byte to the loop's wake-up pipe (when the reply did not
+go out whole, or the connection closes; server.py); strace counts it like any write, so
+it stays among the calls, marked `wake_up`: no error is injected there.
 The last Unmount of a volume goes on after that on the same worker: its teardown
 (umount2, the folders' removal) runs after the reply, under the volume's lock (SPEC
 B11). Every call after the reply is marked `after_reply`: a kill there comes after a

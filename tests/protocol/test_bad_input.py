@@ -7,6 +7,7 @@ test snapshots the whole workspace before and after.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -409,3 +410,47 @@ def test_pipelined_requests_on_one_connection_are_all_answered(ws: Workspace) ->
     replies = parse_responses(raw_exchange(ws.socket, data, half_close=True, timeout=3))
     assert [r.status for r in replies] == [200, 200, 500, 200]
     assert replies[1].json["Volume"]["Name"] == "v"  # type: ignore[index]
+
+
+def test_pipelined_requests_for_workers_then_the_end_of_stream_are_all_answered(
+    ws: Workspace,
+) -> None:
+    """Requests that go to workers (Create, List), pipelined, then a half-close: the
+    end of the stream may be read while a worker answers; every request is answered
+    before the connection ends (the loop listens on while a worker has the connection).
+    Repeated: the end of the stream is read at a different moment each time."""
+    data = b"".join(
+        http_request(endpoint, body)
+        for endpoint, body in [
+            ("/VolumeDriver.Create", b"{}"),
+            ("/VolumeDriver.List", b""),
+            ("/VolumeDriver.Create", b"{}"),
+            ("/Plugin.Activate", b""),
+        ]
+    )
+    for _ in range(40):
+        replies = parse_responses(raw_exchange(ws.socket, data, half_close=True, timeout=3))
+        assert [r.status for r in replies] == [500, 200, 500, 200]
+
+
+def test_clients_gone_while_workers_answer_them_leave_the_daemon_serving(
+    ws: Workspace, client: PluginClient
+) -> None:
+    """Clients that pipeline requests for workers and hang up without reading: a reply
+    that cannot be sent hands its connection back closed, while the loop may still hold
+    an event of that socket from the same wait. The hang-ups come at a different moment
+    of the work each round."""
+    data = http_request("/VolumeDriver.List", b"") * 3000
+    for round_ in range(20):
+        sockets = []
+        for _ in range(10):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(ws.socket))
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.send(data)
+            sockets.append(sock)
+        time.sleep(round_ / 2000)
+        for sock in sockets:
+            sock.close()
+        client.alive()
