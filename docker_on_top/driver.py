@@ -47,8 +47,13 @@ class Driver:
     def capabilities(self) -> str:
         return "local"
 
+    def recovering(self) -> bool:
+        """Whether start-up recovery has volumes left, which a Get may wait for."""
+        return self.store.recovery is not None
+
     def create(self, name: str, options: Mapping[str, str]) -> None:
         volume = self.store.volume(name)
+        self.store.recover_first(volume)  # a Create cut short goes first
         asked = creation(self.store, options)
         if asked.origin is not None:
             if volume.exists():
@@ -81,6 +86,7 @@ class Driver:
         forgets a volume whose Get fails). Get comes before every Mount and Unmount, so it
         costs a few small reads, never a walk of the changes."""
         volume = self.store.volume(name)
+        self.store.recover_first(volume)  # no stale record may be counted
         described = self.store.described(volume)
         if described is None:
             raise UserError(NO_SUCH_VOLUME)
@@ -120,6 +126,10 @@ class Driver:
     def remove(self, name: str) -> None:
         volume = self.store.volume(name)
         self.store.forget(volume)
+        try:
+            self.store.recover_first(volume)
+        except UserError:
+            return  # a Create cut short, which its recovery removed
         if not volume.exists():
             return
         try:
@@ -239,6 +249,10 @@ class Driver:
 
     def _listed(self, volume: Volume, *, mounted: bool) -> VolumeInfo | None:
         described = self.store.described(volume)
+        if described is not None and described[1] is None and self.store.recovery is not None:
+            # Perhaps a Create cut short, which its recovery removes: it decides first.
+            self.store.recover_first(volume)
+            described = self.store.described(volume)
         if described is None:
             return None  # removed meanwhile
         return VolumeInfo(

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = b"application/vnd.docker.plugins.v1.1+json"
 MOUNT = "/VolumeDriver.Mount"
 # Requests that may wait on a volume's lock or on the kernel; the others only read.
+# A Get, too, while start-up recovery has volumes left (it may recover its volume).
+_GET = "/VolumeDriver.Get"
 _MAY_BLOCK = frozenset(
     {
         "/VolumeDriver.Create",
@@ -52,6 +54,7 @@ class VolumeDriver(Protocol):
     """What the protocol needs of a driver (see driver.Driver)."""
 
     def capabilities(self) -> str: ...
+    def recovering(self) -> bool: ...
     def create(self, name: str, options: Mapping[str, str]) -> None: ...
     def get(self, name: str) -> Mountable: ...
     def remove(self, name: str) -> None: ...
@@ -71,9 +74,9 @@ class PluginAPI:
         self._driver = driver
         self._routes = _routes(driver)
 
-    @staticmethod
-    def may_block(request: Request) -> bool:
-        return request.path in _MAY_BLOCK
+    def may_block(self, request: Request) -> bool:
+        path = request.path
+        return path in _MAY_BLOCK or (path == _GET and self._driver.recovering())
 
     def answer(self, request: Request) -> Response:
         path = request.path
