@@ -435,8 +435,10 @@ class Volume:
         with suppress(FileNotFoundError):
             self.mountpoint.rmdir()
         try:
-            # After a clean unmount the kernel leaves only an empty work/ behind.
-            (self.workdir / "work").rmdir()
+            # After a clean unmount the kernel leaves only an empty work/ behind; a crash
+            # before the mount leaves none.
+            with suppress(FileNotFoundError):
+                (self.workdir / "work").rmdir()
             self.workdir.rmdir()
         except FileNotFoundError:
             pass
