@@ -86,7 +86,12 @@ class Driver:
         forgets a volume whose Get fails). Get comes before every Mount and Unmount, so it
         costs a few small reads, never a walk of the changes."""
         volume = self.store.volume(name)
-        self.store.recover_first(volume)  # no stale record may be counted
+        try:
+            self.store.recover_first(volume)  # no stale record may be counted
+        except BusyError as error:
+            # Held for long by a command (which recovers a volume itself first while a
+            # daemon recovers): answer from the disk rather than fail.
+            log.info("volume %s: %s", name, error)
         described = self.store.described(volume)
         if described is None:
             raise UserError(NO_SUCH_VOLUME)
@@ -251,7 +256,11 @@ class Driver:
         described = self.store.described(volume)
         if described is not None and described[1] is None and self.store.recovery is not None:
             # Perhaps a Create cut short, which its recovery removes: it decides first.
-            self.store.recover_first(volume)
+            try:
+                self.store.recover_first(volume)
+            except PluginError as error:
+                log.warning("volume %s: not listed, not recovered yet: %s", volume.name, error)
+                return None
             described = self.store.described(volume)
         if described is None:
             return None  # removed meanwhile

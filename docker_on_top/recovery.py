@@ -162,9 +162,10 @@ class StartupRecovery:
         try:
             volume.mountpoint.rmdir()
         except FileNotFoundError:
-            _release_storage(volume)
-            self.report.clean.append(volume.name)
-            return
+            if not _reset_cut_short(volume):
+                _release_storage(volume)
+                self.report.clean.append(volume.name)
+                return
         except OSError as error:
             if error.errno == errno.EBUSY:
                 if self.by_daemon:
@@ -177,7 +178,9 @@ class StartupRecovery:
                 error,
             ) from error
         # The mountpoint existed but was not mounted: the last run ended without
-        # clean-up (crash or reboot), so its records no longer describe any user.
+        # clean-up (crash or reboot), so its records no longer describe any user. The
+        # mountpoint goes first, as the test of that: a crash before the rest is done
+        # leaves what _reset_cut_short finds.
         try:
             volume.records.clear()
             volume.write_unreleased({})
@@ -279,6 +282,18 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICENESS)
     except OSError as error:
         log.debug("cannot lower the priority of the start-up recovery: %s", error)
+
+
+def _reset_cut_short(volume: Volume) -> bool:
+    """Whether a volume without mountpoint/ keeps records or a workdir/: its reset (or
+    an unmount's teardown) was cut short after the mountpoint went. No overlay can be
+    mounted without a mountpoint, so such records describe nobody either."""
+    try:
+        return os.path.isdir(volume.workdir) or (
+            volume.records.exists() and volume.records.in_use()
+        )
+    except OSError as error:
+        raise InternalError(f"cannot recover volume {volume.name}", error) from error
 
 
 def _release_storage(volume: Volume) -> None:

@@ -195,3 +195,26 @@ def test_recovery_removes_an_empty_workdir_left_by_a_crash(root: Path, base: Pat
     (root / "v" / "workdir").mkdir()
     assert recover_driver(new_driver(root)).cleaned == ["v"]
     assert sorted(os.listdir(root / "v")) == ["activemounts", "metadata.json", "upper"]
+
+
+def test_recovery_cut_short_after_the_mountpoint_went_is_finished_at_the_next(
+    root: Path, base: Path
+) -> None:
+    """A crash in a recovery after its first step (the mountpoint/ removed) leaves
+    records and a workdir/: the next start resets them all the same."""
+    left_by_a_reboot(root, base, "v")
+    (root / "v" / "mountpoint").rmdir()
+    assert recover_driver(new_driver(root)).cleaned == ["v"]
+    assert sorted(os.listdir(root / "v")) == ["activemounts", "metadata.json", "upper"]
+
+
+def test_get_does_not_fail_while_a_command_holds_a_volume_not_recovered_yet(
+    root: Path, base: Path
+) -> None:
+    """dockerd forgets a volume whose Get fails: a lock held for long (a command, which
+    recovers the volume itself first) leaves Get answering from the disk."""
+    left_by_a_reboot(root, base, "v")
+    driver, _ = begun(root, lock_timeout=0.05)
+    with locked(root / "v"):
+        assert driver.get("v").name == "v"
+        assert [info.name for info in driver.list_volumes()] == ["v"]
