@@ -125,7 +125,12 @@ def one_round(workspace: Path, names: list[str], repo: Path) -> dict[str, float]
     with open(workspace / "daemon.log", "ab") as log_file:
         started = time.perf_counter()
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=environment
+            command,
+            cwd=repo,  # `-m` looks in the current folder first
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            env=environment,
         )
     try:
         activate = protocol.encode("Plugin.Activate", close=True)
