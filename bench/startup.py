@@ -8,7 +8,8 @@ crash or a reboot leaves it: a `mountpoint/` and a `workdir/` that are not mount
 stale usage record. A daemon of ours (the checkout at --repo, default this one) is then
 spawned on that root under a private driver name and socket, and timed, in seconds from
 the spawn:
-  activate_s   until it answers Plugin.Activate;
+  activate_s   until it answers Plugin.Activate (and cpu_at_activate_s, the daemon's CPU
+               time then: unlike the wall time, a busy machine does not move it much);
   get_s        until it answers a Get of the last volume by name (the last one a
                background recovery in name order reaches), which must say ActiveMounts 0;
   recovered_s  until its start-up recovery has finished: the daemon holds a shared flock
@@ -145,6 +146,7 @@ def one_round(workspace: Path, names: list[str], repo: Path) -> dict[str, float]
                 raise RuntimeError(f"the daemon did not answer; see {workspace / 'daemon.log'}")
             time.sleep(0.001)
         activate_s = time.perf_counter() - started
+        cpu_at_activate_s = cpu_seconds(process.pid)
         get = protocol.encode("VolumeDriver.Get", {"Name": names[-1]}, close=True)
         status, body = protocol.call_once(str(socket_path), get)
         get_s = time.perf_counter() - started
@@ -170,7 +172,13 @@ def one_round(workspace: Path, names: list[str], repo: Path) -> dict[str, float]
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    figures = {"activate_s": activate_s, "get_s": get_s, "recovered_s": recovered_s, "cpu_s": cpu_s}
+    figures = {
+        "activate_s": activate_s,
+        "cpu_at_activate_s": cpu_at_activate_s,
+        "get_s": get_s,
+        "recovered_s": recovered_s,
+        "cpu_s": cpu_s,
+    }
     figures["get_after_p50_us"] = get_after_us
     if still_recovering:  # else the background was done before the Gets ended
         figures["get_during_p50_us"] = get_during_us
