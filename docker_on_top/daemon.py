@@ -126,7 +126,7 @@ def _start_up(
     """The recovery of the volumes no request has needed yet (a volume it cannot
     recover stops the daemon, as at the start: SPEC A4), then the start-up checks."""
     try:
-        recovery.run(in_background=True)
+        recovery.run()
     except (PluginError, OSError) as error:
         recovery.end()
         log.error("cannot start: %s", error)

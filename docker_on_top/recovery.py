@@ -49,9 +49,6 @@ from .walk import remove_tree
 
 log = logging.getLogger(__name__)
 
-# The background thread's nice value: the kernel runs the requests' threads first.
-_BACKGROUND_NICENESS = 10
-
 
 @dataclass
 class RecoveryReport:
@@ -98,17 +95,15 @@ class StartupRecovery:
             }
         self.store.recovery = self
 
-    def run(self, *, in_background: bool = False) -> RecoveryReport:
+    def run(self) -> RecoveryReport:
         """Recover every volume not recovered yet, in name order, then what concerns the
         whole root; the store stops asking here. A volume whose lock stays held (by
-        long work: a commit) is taken up again after the others. `in_background`: on
-        a thread of its own, which then runs at a lower priority than the requests.
+        long work: a commit) is taken up again after the others. Between two volumes
+        it gives way to any request thread waiting for the interpreter.
 
         Raises InternalError for a volume that can be neither recognised nor cleaned,
         since serving on top of it could mount the wrong thing.
         """
-        if in_background:
-            _lower_priority()
         waiting = deque(sorted(self._pending))
         while waiting:
             name = waiting.popleft()
@@ -116,7 +111,9 @@ class StartupRecovery:
                 self.ensure(Volume(self.store.root, name))
             except BusyError:
                 waiting.append(name)
-            # Hand the interpreter over to any request thread waiting for it.
+            # Hand the interpreter over to any request thread waiting for it. (Not a lower
+            # nice value: preempted while it holds the interpreter, the thread would make
+            # the requests wait; measured, it also cost more CPU.)
             time.sleep(0)
         self._finish()
         return self.report
@@ -274,14 +271,6 @@ def recover_for_command(store: VolumeStore) -> None:
     recovered first (see the module's notes)."""
     if daemon_recovering(str(store.root)):
         StartupRecovery(store, PendingReleases(), by_daemon=False).begin()
-
-
-def _lower_priority() -> None:
-    # On Linux the nice value is the calling thread's own (setpriority(2)).
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICENESS)
-    except OSError as error:
-        log.debug("cannot lower the priority of the start-up recovery: %s", error)
 
 
 def _reset_cut_short(volume: Volume) -> bool:
