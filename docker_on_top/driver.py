@@ -131,10 +131,7 @@ class Driver:
     def remove(self, name: str) -> None:
         volume = self.store.volume(name)
         self.store.forget(volume)
-        try:
-            self.store.recover_first(volume)
-        except UserError:
-            return  # a Create cut short, which its recovery removed
+        self.store.recover_first(volume)  # which may remove a Create cut short
         if not volume.exists():
             return
         try:

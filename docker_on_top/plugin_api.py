@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = b"application/vnd.docker.plugins.v1.1+json"
 MOUNT = "/VolumeDriver.Mount"
 # Requests that may wait on a volume's lock or on the kernel; the others only read.
-# A Get, too, while start-up recovery has volumes left (it may recover its volume).
-_GET = "/VolumeDriver.Get"
 _MAY_BLOCK = frozenset(
     {
         "/VolumeDriver.Create",
@@ -33,6 +31,8 @@ _MAY_BLOCK = frozenset(
         "/VolumeDriver.List",
     }
 )
+# A Get may wait too while start-up recovery has volumes left: it recovers its own first.
+_GET = "/VolumeDriver.Get"
 # Requests that dockerd may send with an empty body.
 _EMPTY_BODY_OK = frozenset({"/Plugin.Activate", "/VolumeDriver.Capabilities", "/VolumeDriver.List"})
 
