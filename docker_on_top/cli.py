@@ -25,6 +25,7 @@ from .daemon import serve, setup_logging
 from .doctor import doctor
 from .errors import PluginError, UserError
 from .output import human_size, json_path, print_columns, quote, write
+from .recovery import recover_for_command
 from .snapshots import VolumeSnapshots
 from .store import VolumeStore, parse_reference
 
@@ -271,6 +272,7 @@ def run_command(settings: Settings, arguments: argparse.Namespace) -> int:
     if not settings.root.is_dir():
         print(f"docker-on-top: no state root at {settings.root}", file=sys.stderr)
         return 1
+    recover_for_command(store)  # while a daemon still recovers the root
     runs: dict[str, Callable[[], int | None]] = {
         "ls": lambda: _ls(commands, arguments.json),
         "inspect": lambda: _inspect(commands, arguments.volume),

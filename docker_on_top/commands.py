@@ -101,6 +101,7 @@ class VolumeCommands:
         """Everything known about a volume; a walk of its changes that fails (a container
         may be changing them meanwhile) is told in `error`, the rest is still given."""
         volume = self.store.volume(name)
+        self.store.recover_first(volume)
         metadata, created_at = self.store.metadata_and_creation(volume)
         try:
             mounted = kernel.is_mount_point(volume.mountpoint)
@@ -145,6 +146,7 @@ class VolumeCommands:
         and the volume's own, are taken in turn against what lay below them and added up
         path by path (and given sorted, once all are known)."""
         volume = self.store.volume(name)
+        self.store.recover_first(volume)
         metadata = self.store.metadata(volume)
         try:
             with own_changes(self.store, volume, metadata) as upper:
@@ -183,6 +185,7 @@ class VolumeCommands:
         carry is left out and told to `report`."""
         volume_name, snapshot = parse_reference(reference)
         volume = self.store.volume(volume_name)
+        self.store.recover_first(volume)
         metadata = self.store.metadata(volume)
         start = len(metadata.layers)
         if since is not None:

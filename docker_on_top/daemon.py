@@ -1,6 +1,6 @@
 """The daemon: logging set up for a terminal, the journal or dockerd's log, the socket
-bound (or taken from systemd), start-up recovery, the background start-up checks, and
-the server run until SIGTERM or SIGINT.
+bound (or taken from systemd), start-up recovery begun (the rest of it and the start-up
+checks in the background), and the server run until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .driver import Driver
 from .errors import PluginError
 from .listener import Listener, StartupError
 from .plugin_api import PluginAPI
-from .recovery import recover
+from .recovery import StartupRecovery
 from .releases import PendingReleases
 from .server import PluginServer
 from .store import VolumeStore
@@ -94,23 +94,47 @@ def serve(settings: Settings) -> int:
     except (StartupError, OSError) as error:
         log.error("cannot start: %s", error)
         return 1
+    recovery = StartupRecovery(store, releases)
     try:
-        recover(store, releases)
-    except (PluginError, OSError) as error:
+        recovery.begin()
+    except OSError as error:
         log.error("cannot start: %s", error)
         listener.close()
         return 1
     server = PluginServer(PluginAPI(Driver(store, releases)), listener)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
-    # In the background: dockerd may itself be waiting for this plugin to answer.
-    threading.Thread(target=_start_up_checks, args=(store, releases, settings), daemon=True).start()
+    failed = threading.Event()
+    # In the background: dockerd may itself be waiting for this plugin to answer, and
+    # each volume is recovered before its first use anyway.
+    threading.Thread(
+        target=_start_up, args=(recovery, server, failed, settings), name="start-up", daemon=True
+    ).start()
     log.info(
         "serving driver %s on %s (state root %s)", settings.name, settings.socket, settings.root
     )
     server.serve()
+    if failed.is_set():
+        return 1
     log.info("stopped; volumes in use stay mounted")
     return 0
+
+
+def _start_up(
+    recovery: StartupRecovery, server: PluginServer, failed: threading.Event, settings: Settings
+) -> None:
+    """The recovery of the volumes no request has needed yet (a volume it cannot
+    recover stops the daemon, as at the start: SPEC A4), then the start-up checks."""
+    try:
+        recovery.run()
+    except (PluginError, OSError) as error:
+        recovery.end()
+        log.error("cannot start: %s", error)
+        failed.set()
+        server.request_stop()
+        return
+    log.info("start-up recovery finished")
+    _start_up_checks(recovery.store, recovery.releases, settings)
 
 
 def _start_up_checks(store: VolumeStore, releases: PendingReleases, settings: Settings) -> None:

@@ -52,8 +52,13 @@ class Driver:
     def capabilities(self) -> str:
         return "local"
 
+    def recovering(self) -> bool:
+        """Whether start-up recovery has volumes left, which a Get may wait for."""
+        return self.store.recovery is not None
+
     def create(self, name: str, options: Mapping[str, str]) -> None:
         volume = self.store.volume(name)
+        self.store.recover_first(volume)  # a Create cut short goes first
         asked = creation(self.store, options)
         if asked.origin is not None:
             if volume.exists():
@@ -91,6 +96,12 @@ class Driver:
         forgets a volume whose Get fails). Get comes before every Mount and Unmount, so it
         costs a few small reads, never a walk of the changes."""
         volume = self.store.volume(name)
+        try:
+            self.store.recover_first(volume)  # no stale record may be counted
+        except BusyError as error:
+            # Held for long by a command (which recovers a volume itself first while a
+            # daemon recovers): answer from the disk rather than fail.
+            log.info("volume %s: %s", name, error)
         described = self.store.described(volume)
         if described is None:
             raise UserError(NO_SUCH_VOLUME)
@@ -130,6 +141,7 @@ class Driver:
     def remove(self, name: str) -> None:
         volume = self.store.volume(name)
         self.store.forget(volume)
+        self.store.recover_first(volume)  # which may remove a Create cut short
         # A folder left by a cut-short create may have no activemounts/ to lock.
         has_records = volume.records.exists()
         if not has_records and not volume.exists():
@@ -263,6 +275,14 @@ class Driver:
 
     def _listed(self, volume: Volume, *, mounted: bool) -> VolumeInfo | None:
         described = self.store.described(volume)
+        if described is not None and described[1] is None and self.store.recovery is not None:
+            # Perhaps a Create cut short, which its recovery removes: it decides first.
+            try:
+                self.store.recover_first(volume)
+            except PluginError as error:
+                log.warning("volume %s: not listed, not recovered yet: %s", volume.name, error)
+                return None
+            described = self.store.described(volume)
         if described is None:
             return None  # removed meanwhile
         return VolumeInfo(

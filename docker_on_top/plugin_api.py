@@ -33,6 +33,8 @@ _MAY_BLOCK = frozenset(
         "/VolumeDriver.List",
     }
 )
+# A Get may wait too while start-up recovery has volumes left: it recovers its own first.
+_GET = "/VolumeDriver.Get"
 # Requests that dockerd may send with an empty body.
 _EMPTY_BODY_OK = frozenset({"/Plugin.Activate", "/VolumeDriver.Capabilities", "/VolumeDriver.List"})
 
@@ -54,6 +56,7 @@ class VolumeDriver(Protocol):
     """What the protocol needs of a driver (see driver.Driver)."""
 
     def capabilities(self) -> str: ...
+    def recovering(self) -> bool: ...
     def create(self, name: str, options: Mapping[str, str]) -> None: ...
     def get(self, name: str) -> Mountable: ...
     def remove(self, name: str) -> None: ...
@@ -76,9 +79,9 @@ class PluginAPI:
         self._driver = driver
         self._routes = _routes(driver)
 
-    @staticmethod
-    def may_block(request: Request) -> bool:
-        return request.path in _MAY_BLOCK
+    def may_block(self, request: Request) -> bool:
+        path = request.path
+        return path in _MAY_BLOCK or (path == _GET and self._driver.recovering())
 
     def answer(self, request: Request, reply: Callable[[Response], None]) -> None:
         """Call `reply` once with the response. A route may reply before it ends (an

@@ -1,6 +1,7 @@
 """The state root as a whole: volume names checked and turned into Volume folders, the
-volumes listed, their metadata read (cached), a volume's lock taken with a bounded wait,
-the layer store, and a volume's lower layers looked up (bases on the host).
+volumes listed, their metadata read (cached), a volume's lock taken with a bounded wait
+(and its start-up recovery run first, while some are pending), the layer store, and a
+volume's lower layers looked up (bases on the host).
 
 Everything above (the driver, recovery, doctor, the commands) reaches volumes through
 here; nothing here mounts or decides what a request means.
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 from . import kernel
 from .errors import BusyError, InternalError, UserError
@@ -27,6 +29,13 @@ NO_SUCH_VOLUME = "no such volume"
 # How long a request waits for a volume's lock: below Podman's 5 s for a whole call, so
 # that a Mount refused as busy is refused before its client gives up on it.
 REQUEST_LOCK_TIMEOUT_S = 4.0
+
+
+class PendingRecovery(Protocol):
+    """Start-up recovery while some volumes are still to recover (recovery.py)."""
+
+    def ensure(self, volume: Volume) -> None: ...
+    def under_lock(self, volume: Volume) -> None: ...
 
 
 class MetadataCache:
@@ -93,6 +102,9 @@ class VolumeStore:
         self.lock_timeout = lock_timeout
         self.layers = LayerStore(root)
         self._metadata_cache = MetadataCache()
+        # Set while start-up recovery has volumes left: each volume is recovered before
+        # its first use (see recovery.py); None once all are.
+        self.recovery: PendingRecovery | None = None
 
     def volume(self, name: object) -> Volume:
         """The volume called `name`, which need not exist; UserError for a bad name."""
@@ -147,6 +159,13 @@ class VolumeStore:
             return "", None
         return created_at, metadata
 
+    def recover_first(self, volume: Volume) -> None:
+        """Recover the volume first if start-up recovery has not yet, for those who look
+        at it without its lock (Get, List, Create, the commands that only read)."""
+        recovery = self.recovery
+        if recovery is not None:
+            recovery.ensure(volume)
+
     def create(self, volume: Volume, metadata: Metadata) -> None:
         """Make the volume's folder with `metadata`; nothing is left when it fails."""
         try:
@@ -168,7 +187,8 @@ class VolumeStore:
         """Hold the volume's lock, waiting at most `lock_timeout` for it.
 
         A waiter that gives up says what holds the volume: whoever holds it for long
-        work (`doing`, e.g. "a commit") says so in the volume's busy note.
+        work (`doing`, e.g. "a commit") says so in the volume's busy note. A volume that
+        start-up recovery has not reached yet is recovered first, under the lock.
         """
         lock = volume.records.lock(time.monotonic() + self.lock_timeout)
         try:
@@ -184,6 +204,9 @@ class VolumeStore:
         except OSError as error:
             raise InternalError("failed to lock the volume's activemounts/", error) from error
         try:
+            recovery = self.recovery
+            if recovery is not None:
+                recovery.under_lock(volume)
             if doing is not None:
                 try:
                     volume.note_busy(doing)

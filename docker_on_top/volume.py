@@ -444,8 +444,10 @@ class Volume:
             os.rmdir(f"{self.location}/mountpoint")
         workdir = f"{self.location}/workdir"
         try:
-            # After a clean unmount the kernel leaves only an empty work/ behind.
-            os.rmdir(f"{workdir}/work")
+            # After a clean unmount the kernel leaves only an empty work/ behind; a crash
+            # before the mount leaves none.
+            with suppress(FileNotFoundError):
+                os.rmdir(f"{workdir}/work")
             os.rmdir(workdir)
         except FileNotFoundError:
             pass

@@ -405,6 +405,19 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def daemon_recovering(root: str | Path) -> bool:
+    """Whether a daemon still recovers the state root: it holds a shared flock on it
+    until its start-up recovery has finished."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def socket_answers(path: Path) -> bool:
     try:
         PluginClient(path, timeout=2.0).alive()
@@ -434,7 +447,11 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, socket_path: Path, timeout: float = START_TIMEOUT_S) -> None:
+    def wait_ready(
+        self, socket_path: Path, timeout: float = START_TIMEOUT_S, *, recovered: bool = True
+    ) -> None:
+        """Until the socket answers and, with `recovered`, the daemon's start-up recovery
+        (which goes on in the background) has finished: tests look at the state then."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -442,9 +459,17 @@ class Daemon:
                     f"daemon exited with {self.process.returncode} at start:\n{self.log()}"
                 )
             if socket_path.exists() and socket_answers(socket_path):
-                return
+                break
             time.sleep(0.02)
-        raise AssertionError(f"daemon did not answer on {socket_path} in {timeout}s:\n{self.log()}")
+        else:
+            raise AssertionError(
+                f"daemon did not answer on {socket_path} in {timeout}s:\n{self.log()}"
+            )
+        root = self.args[self.args.index("--root") + 1] if "--root" in self.args else None
+        while recovered and root is not None and daemon_recovering(root):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(f"daemon's start-up recovery did not end:\n{self.log()}")
+            time.sleep(0.01)
 
     def wait_exit(self, timeout: float = 10.0) -> int:
         try:
@@ -552,10 +577,12 @@ class Workspace:
         *,
         socket: Path | None = None,
         env: Mapping[str, str] | None = None,
+        recovered: bool = True,
     ) -> Daemon:
-        """Start a daemon and wait until its socket answers."""
+        """Start a daemon and wait until its socket answers and, with `recovered`, its
+        start-up recovery has finished."""
         daemon = self.spawn(args if args is not None else self.serve_args(), env)
-        daemon.wait_ready(socket or self.socket)
+        daemon.wait_ready(socket or self.socket, recovered=recovered)
         return daemon
 
     def command(self, *arguments: str) -> subprocess.CompletedProcess[str]:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from .conftest import Workspace, mounts_at
+from .conftest import Workspace, daemon_recovering, mounts_at
 
 
 def test_restart_after_crash_while_mounted_leaves_the_volume_mounted(ws: Workspace) -> None:
@@ -170,3 +175,80 @@ def test_recovery_error_stops_the_start_with_a_clear_message(ws: Workspace) -> N
     assert str(volume.folder) in log, log
     assert not ws.socket.exists()
     assert ws.state() == before
+
+
+# --- recovery volume by volume, in the background (issue 16) ---------------------------
+
+
+def left_by_a_reboot(ws: Workspace, *names: str) -> None:
+    """Volumes in use when the host went down: records, an unmounted mountpoint/."""
+    daemon = ws.start()
+    client = ws.client()
+    for name in names:
+        client.create(name, ws.base)
+        client.mount(name, "c1")
+    daemon.kill()
+    for name in names:
+        subprocess.run(["umount", str(ws.volume(name).mountpoint)], check=True)
+
+
+@contextmanager
+def held(folder: Path) -> Iterator[None]:
+    """A volume's lock held as a long command holds it (its flock on activemounts/)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def wait_for_recovery(ws: Workspace) -> None:
+    deadline = time.monotonic() + 60  # a bound on a hang, not a timing
+    while daemon_recovering(ws.root):
+        assert time.monotonic() < deadline, "the start-up recovery did not end"
+        time.sleep(0.01)
+
+
+def test_the_daemon_answers_while_its_start_up_recovery_waits(ws: Workspace) -> None:
+    left_by_a_reboot(ws, "a", "b", "c")
+    b, c = ws.volume("b"), ws.volume("c")
+    with held(b.activemounts):
+        ws.start(recovered=False)  # answers although b cannot be recovered yet
+        client = ws.client()
+        assert daemon_recovering(ws.root)
+        # c is recovered (by its Get or by the background) before its Get counts users.
+        got = client.ok("/VolumeDriver.Get", {"Name": "c"})["Volume"]
+        assert got["Status"]["ActiveMounts"] == 0, got  # type: ignore[index]
+        assert c.records() == {}
+        client.mount("c", "c2")
+        assert c.records() == {"c2": {"UsageCount": 1}}
+        client.unmount("c", "c2")
+        assert b.records() == {"c1": {"UsageCount": 1}}  # not touched while held
+        assert b.mountpoint.exists()
+        assert daemon_recovering(ws.root)
+    wait_for_recovery(ws)
+    assert b.records() == {}
+    assert b.entries() == {"metadata.json", "upper", "activemounts"}
+
+
+def test_a_crash_during_start_up_recovery_leaves_what_the_next_start_recovers(
+    ws: Workspace,
+) -> None:
+    left_by_a_reboot(ws, "a", "b", "c")
+    with held(ws.volume("b").activemounts):
+        cut_short = ws.start(recovered=False)
+        ws.client().mount("c", "c2")  # a volume recovered and used before the crash
+        cut_short.kill()
+    ws.start()
+    client = ws.client()
+    assert client.names() == ["a", "b", "c"]
+    for name in ("a", "b"):
+        volume = ws.volume(name)
+        assert volume.records() == {}, name
+        assert volume.entries() == {"metadata.json", "upper", "activemounts"}, name
+    # c was still mounted by the crashed run: its record and overlay stay.
+    assert ws.volume("c").records() == {"c2": {"UsageCount": 1}}
+    assert len(mounts_at(ws.volume("c").mountpoint)) == 1
+    client.unmount("c", "c2")
+    assert mounts_at(ws.volume("c").mountpoint) == []
