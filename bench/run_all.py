@@ -844,8 +844,9 @@ def crashed_startup(daemon: Daemon, root: Path, prefix: str, count: int) -> dict
     to a Get of one of them (`get_s`), and until the daemon is down to its main thread,
     whatever it did in the background ended (`recovered_s`). Leaves the daemon stopped.
 
-    The same keys as the start-up part's bench/startup.py `run(count)`, which is to take
-    this one's place once merged (its `recovered_s` is told by a flock on the state root).
+    The same keys as bench/startup.py's `run(count)`, which measures the same on volumes
+    of its own, in rounds, and tells the end of the recovery by the flock on the state
+    root; here the scale part's volumes are reused, so it costs no second 10,000.
     """
     mark_crashed(root, prefix)
     activate = daemon.start()
