@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import secrets
@@ -45,8 +44,11 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(REPO))
 
 import protocol  # noqa: E402
+
+from docker_on_top.recovery import daemon_recovering  # noqa: E402
 
 STALE_ID = "0" * 64
 TIMEOUT_S = 120.0
@@ -84,18 +86,6 @@ def crash(root: Path, names: list[str]) -> None:
         fd = os.open(folder / "activemounts" / STALE_ID, os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(fd, b'{"UsageCount":1}')
         os.close(fd)
-
-
-def recovering(root: Path) -> bool:
-    """Whether a daemon holds the state root's flock (it is still recovering)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # releases the probe's lock, if taken
-    return False
 
 
 def cpu_seconds(pid: int) -> float:
@@ -154,8 +144,8 @@ def one_round(workspace: Path, names: list[str], repo: Path) -> dict[str, float]
         if status != 200 or reply["Volume"]["Status"]["ActiveMounts"] != 0:
             raise RuntimeError(f"Get {names[-1]} before its recovery answered {status} {reply}")
         get_during_us = get_latency_us(socket_path, names[0])
-        still_recovering = recovering(root)
-        while recovering(root):
+        still_recovering = daemon_recovering(str(root))
+        while daemon_recovering(str(root)):
             if time.perf_counter() - started > TIMEOUT_S:
                 raise RuntimeError("the start-up recovery did not finish")
             time.sleep(0.002)

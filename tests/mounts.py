@@ -1,9 +1,14 @@
-"""The mount table, read the way tests need it."""
+"""The mount table and the loop devices, read the way tests need them, and a filesystem
+filled up to its limit."""
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 from pathlib import Path
+
+MIB = 1 << 20
 
 
 def mounts_under(folder: Path) -> list[tuple[str, str]]:
@@ -23,3 +28,29 @@ def mounts_under(folder: Path) -> list[tuple[str, str]]:
 def unmount_all_under(folder: Path) -> None:
     for mount_point, _ in reversed(mounts_under(folder)):
         subprocess.run(["umount", "-l", mount_point], check=False)
+
+
+def backing_files() -> list[str]:
+    """The backing file of every attached loop device."""
+    found = []
+    for device in Path("/sys/block").glob("loop*"):
+        try:
+            found.append((device / "loop" / "backing_file").read_text().strip())
+        except OSError:
+            continue
+    return found
+
+
+def fill(folder: Path, name: str, size: int) -> int:
+    """Write up to `size` bytes into `folder/name`; how many went in before ENOSPC."""
+    written = 0
+    chunk = b"x" * MIB
+    with open(folder / name, "wb") as out:
+        try:
+            while written < size:
+                written += out.write(chunk[: min(MIB, size - written)])
+                out.flush()
+            os.fsync(out.fileno())
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error
+    return written

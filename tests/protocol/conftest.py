@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from docker_on_top.recovery import daemon_recovering
+
 REPO = Path(__file__).resolve().parents[2]
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.1+json"
 # What dockerd sends.
@@ -403,19 +405,6 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
-
-
-def daemon_recovering(root: str | Path) -> bool:
-    """Whether a daemon still recovers the state root: it holds a shared flock on it
-    until its start-up recovery has finished."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def socket_answers(path: Path) -> bool:

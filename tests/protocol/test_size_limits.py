@@ -12,34 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ..mounts import MIB, backing_files, fill
 from .conftest import Daemon, PluginClient, Workspace, mounts_at
-
-MIB = 1 << 20
-
-
-def backing_files() -> list[str]:
-    found = []
-    for device in Path("/sys/block").glob("loop*"):
-        try:
-            found.append((device / "loop" / "backing_file").read_text().strip())
-        except OSError:
-            continue
-    return found
-
-
-def fill(folder: Path, name: str, size: int) -> int:
-    """Write up to `size` bytes; how many went in before ENOSPC."""
-    written = 0
-    chunk = b"x" * MIB
-    with open(folder / name, "wb") as out:
-        try:
-            while written < size:
-                written += out.write(chunk[: min(MIB, size - written)])
-                out.flush()
-            os.fsync(out.fileno())
-        except OSError as error:
-            assert error.errno == errno.ENOSPC, error
-    return written
 
 
 def status(client: PluginClient, name: str) -> dict[str, object]:

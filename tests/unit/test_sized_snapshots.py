@@ -5,7 +5,6 @@ the image's upper is emptied, so a layer never counts against the limit."""
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -20,10 +19,10 @@ from docker_on_top.layers import LayerInfo
 from docker_on_top.snapshots import VolumeSnapshots
 from docker_on_top.volume import SNAPSHOT
 
+from ..mounts import MIB, backing_files, fill
 from .conftest import new_driver, recover_driver
 
 ID = "c" * 64
-MIB = 1 << 20
 
 
 def snapshots_of(driver: Driver) -> VolumeSnapshots:
@@ -55,31 +54,6 @@ def image_upper(driver: Driver, name: str) -> Iterator[Path]:
     volume = driver.store.volume(name)
     with own_changes(driver.store, volume, driver.store.metadata(volume)) as upper:
         yield upper
-
-
-def backing_files() -> list[str]:
-    found = []
-    for device in Path("/sys/block").glob("loop*"):
-        try:
-            found.append((device / "loop" / "backing_file").read_text().strip())
-        except OSError:
-            continue
-    return found
-
-
-def fill(folder: Path, name: str, size: int) -> int:
-    """Write up to `size` bytes; how many went in before ENOSPC."""
-    written = 0
-    chunk = b"x" * MIB
-    with open(folder / name, "wb") as out:
-        try:
-            while written < size:
-                written += out.write(chunk[: min(MIB, size - written)])
-                out.flush()
-            os.fsync(out.fileno())
-        except OSError as error:
-            assert error.errno == errno.ENOSPC, error
-    return written
 
 
 @pytest.fixture
