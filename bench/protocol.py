@@ -479,6 +479,16 @@ class Bench:
         return problems
 
     def _check_unmounted(self, name: str, mountpoint: str) -> list[str]:
+        """What the last Unmount left. Our Unmount replies before its teardown (SPEC B11),
+        which then runs under the volume's lock: the check waits for it, a bounded time."""
+        deadline = time.monotonic() + TEARDOWN_WAIT_S
+        while True:
+            problems = self._left_after_unmount(name, mountpoint)
+            if not problems or time.monotonic() > deadline:
+                return problems
+            time.sleep(0.005)
+
+    def _left_after_unmount(self, name: str, mountpoint: str) -> list[str]:
         problems = []
         mounts = mount_count(mountpoint)
         if mounts:
@@ -798,6 +808,8 @@ def make_base(parent: str | None = None) -> Path:
 
 
 PARTS = ("latency", "cpu", "bursts", "memory", "scale")
+# How long the check of a burst waits for teardowns after the replies (SPEC B11).
+TEARDOWN_WAIT_S = 10.0
 
 
 def run(
