@@ -5,7 +5,8 @@ a layered volume (daemon requests, as harness.Scenario), snapshot, rollback and 
 A command is a process of its own, against the state root: strace starts it
 (`strace -f -o TRACE -e inject=... python3 -m docker_on_top COMMAND --root ROOT`), so
 each syscall's count starts with the process. Its start-up only reads (no bytecode is
-written: PYTHONDONTWRITEBYTECODE=1), so the crash points start at its first change
+written: PYTHONDONTWRITEBYTECODE=1; the package's is compiled before each run, so every
+run reads the same files), so the crash points start at its first change
 (harness.crash_points); the trace's parsing, its canonical order and the proof that the
 kill came where the test id says are harness.py's, as for the daemon's requests. The
 daemon serves meanwhile, as it would on a host.
@@ -26,6 +27,7 @@ After the kill the daemon is started again (its start-up recovery runs), and the
 
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import subprocess
@@ -272,6 +274,7 @@ def traced_command(
     ws: Workspace, arguments: tuple[str, ...], injections: list[str], output: Path
 ) -> subprocess.CompletedProcess[str]:
     """Run the command line on the workspace's root under strace, as its tracer."""
+    _compile_package()
     command = ["strace", "-f", "-q", "-o", str(output), "-e", "trace=" + ",".join(TRACED)]
     for injection in injections:
         command += ["-e", f"inject={injection}"]
@@ -285,6 +288,17 @@ def traced_command(
         timeout=120,
         check=False,
     )
+
+
+def _compile_package() -> None:
+    """The package's bytecode, written before every traced run: the command's start-up
+    then reads the same files in the clean run and the injected ones. (It writes none
+    itself; whether pytest, importing the package for other tests, had written a module's
+    yet changed how many files the command opened before its first step, and so the
+    counts the crash points name.)"""
+    source = Path(daemon_env().get("PYTHONPATH", str(REPO)))
+    if not compileall.compile_dir(str(source / "docker_on_top"), quiet=1):
+        raise RuntimeError(f"cannot compile {source / 'docker_on_top'}")
 
 
 _COMMAND_TRACES: dict[str, tuple[Call, ...]] = {}
