@@ -5,18 +5,16 @@ Each works on the state root directly, with or without a daemon running, and tak
 volume's lock for as long as it changes anything: a container that starts meanwhile
 waits (or is told what holds the volume). The same reach into a volume's own changes
 serves snapshots and the driver too: a volume held unused, its upper wherever it lives
-(in a sized volume's storage, mounted aside if need be), emptied, and a snapshot cut
-short settled.
+(upper.py), emptied, and a snapshot or rollback cut short settled.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -27,12 +25,11 @@ from .metadata import Metadata, Snapshot
 from .options import parse_size_option
 from .releases import PendingReleases, usage_count
 from .store import VolumeStore, parse_reference
+from .upper import VIEW_PREFIX, empty_own_changes, own_changes, settle
 from .volume import Volume
 
 log = logging.getLogger(__name__)
 
-# Read-only views of a volume's lower layers, mounted aside under the state root.
-VIEW_PREFIX = ".view-"
 # Called with the number of entries copied so far during long work.
 Progress = Callable[[int], None]
 
@@ -351,36 +348,6 @@ def unused(
         yield metadata
 
 
-def settle(store: VolumeStore, volume: Volume, metadata: Metadata) -> Metadata:
-    """Under the volume's lock, nobody using it: finish or undo a snapshot or rollback of
-    it that a crash cut short (see layers.py); its metadata as it is then."""
-    empty = None
-    if metadata.size_limit is not None:
-        empty = functools.partial(empty_own_changes, store, volume, metadata)
-    try:
-        return store.layers.settle(volume, metadata, empty)
-    except (OSError, ValueError, sizelimit.ImageInUse) as error:
-        raise InternalError("failed to settle a snapshot or rollback cut short", error) from error
-
-
-def empty_own_changes(store: VolumeStore, volume: Volume, metadata: Metadata) -> None:
-    """Throw the volume's own changes away, keeping its upper directory. A sized volume's
-    are in its storage, whose usage is then recorded for Get, as at an unmount."""
-    if metadata.size_limit is None:
-        volume.discard_changes()
-        return
-    with own_changes(store, volume, metadata) as upper:
-        empty_storage_upper(volume, metadata, upper)
-
-
-def empty_storage_upper(volume: Volume, metadata: Metadata, upper: Path) -> None:
-    """Empty a sized volume's `upper` (on its storage, mounted) and record what its
-    storage still holds, for Get."""
-    changes.reset(upper)
-    if not metadata.volatile:
-        volume.record_usage(sizelimit.usage(upper))
-
-
 @contextmanager
 def _lower_view(store: VolumeStore, lowers: list[Path]) -> Iterator[Path]:
     """The lower layers as the containers see them below the changes: the base itself,
@@ -395,37 +362,6 @@ def _lower_view(store: VolumeStore, lowers: list[Path]) -> Iterator[Path]:
             yield view
         finally:
             kernel.unmount(view, flags=kernel.MNT_DETACH)
-    finally:
-        os.rmdir(view)
-
-
-@contextmanager
-def own_changes(store: VolumeStore, volume: Volume, metadata: Metadata) -> Iterator[Path]:
-    """The volume's upper directory. A sized volume's is in its storage: when that is
-    not mounted (nobody uses the volume), its image is mounted aside meanwhile, and a
-    volatile volume has no changes then."""
-    if metadata.size_limit is None:
-        yield volume.upper
-        return
-    if kernel.is_mount_point(volume.limit):
-        yield volume.limit / "upper"
-        return
-    view = Path(tempfile.mkdtemp(prefix=VIEW_PREFIX, dir=store.root))
-    try:
-        if metadata.volatile:
-            os.mkdir(view / "upper")
-            try:
-                yield view / "upper"
-            finally:
-                os.rmdir(view / "upper")
-            return
-        sizelimit.mount_image(volume.image, view)
-        try:
-            with suppress(FileExistsError):
-                os.mkdir(view / "upper", 0o755)
-            yield view / "upper"
-        finally:
-            kernel.unmount(view)
     finally:
         os.rmdir(view)
 

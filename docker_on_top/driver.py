@@ -19,12 +19,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from . import kernel, overlay
-from .commands import settle
 from .errors import BusyError, InternalError, PluginError, UserError
 from .options import creation
 from .releases import PendingReleases, release_one, usage_count
 from .snapshots import VolumeSnapshots
 from .store import NO_SUCH_VOLUME, VolumeStore
+from .upper import settle
 from .volume import NAME_MAX_BYTES, NAME_PATTERN, Volume
 
 log = logging.getLogger(__name__)

@@ -40,11 +40,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from . import kernel, overlay
-from .commands import VIEW_PREFIX, settle
 from .errors import BusyError, InternalError, PluginError, UserError
 from .releases import PendingReleases
 from .snapshots import VolumeSnapshots
 from .store import NO_SUCH_VOLUME, VolumeStore
+from .upper import VIEW_PREFIX, settle
 from .volume import (
     NAME_PATTERN,
     PRIVATE_MODE,
@@ -307,7 +307,7 @@ def _release_storage(volume: Volume) -> None:
 
 
 def _remove_views(store: VolumeStore) -> None:
-    """Unmount and remove the read-only views a command left (see commands.VIEW_PREFIX)."""
+    """Unmount and remove the read-only views a command left (see upper.VIEW_PREFIX)."""
     for leftover in store.root.glob(f"{VIEW_PREFIX}*"):
         try:
             if kernel.is_mount_point(leftover):

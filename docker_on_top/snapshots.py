@@ -26,13 +26,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from . import changes, sizelimit
-from .commands import empty_own_changes, empty_storage_upper, own_changes, unused
+from .commands import unused
 from .errors import BusyError, InternalError, UserError
 from .kernel import LockTimeout
 from .layers import MAX_LOWER_LAYERS, LayerInfo, finish_rollback, make_upper_like
 from .metadata import Metadata, Snapshot, rfc3339
 from .releases import PendingReleases
 from .store import VolumeStore, parse_reference
+from .upper import empty_own_changes, empty_storage_upper, own_changes
 from .volume import ROLLBACK, SNAPSHOT, Volume
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from docker_on_top.commands import own_changes
 from docker_on_top.driver import Driver
 from docker_on_top.layers import LayerInfo
 from docker_on_top.snapshots import VolumeSnapshots
+from docker_on_top.upper import own_changes
 from docker_on_top.volume import SNAPSHOT
 
 from ..mounts import MIB, backing_files, fill
