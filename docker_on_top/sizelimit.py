@@ -204,13 +204,6 @@ def mount_image(image: Path, target: Path) -> str:
     return device
 
 
-def unmount_image(target: Path) -> None:
-    """Unmount the image's filesystem from `target`. Its loop device detaches itself
-    once nothing holds the filesystem: at once, unless the mount was propagated into
-    another mount namespace that still has it."""
-    kernel.unmount(target)
-
-
 def mount_tmpfs(target: Path, size_bytes: int) -> None:
     """Mount a tmpfs of `size_bytes` on `target`, its root directory mode 0700, nosuid
     and nodev as for an image (an overlay on it is not affected)."""

@@ -72,6 +72,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from docker_on_top import kernel, sizelimit
 from docker_on_top.server import MAX_WORKERS
 from docker_on_top.sizelimit import parse_size
 
@@ -921,15 +922,13 @@ def _relative_snapshot(top: Path) -> dict[str, tuple[object, ...]]:
 @contextlib.contextmanager
 def image_mounted_aside(image: Path) -> Iterator[Path]:
     """The image's filesystem, mounted on a folder of its own while the block runs."""
-    from docker_on_top import sizelimit
-
     aside = Path(tempfile.mkdtemp(prefix="image-aside-"))
     try:
         sizelimit.mount_image(image, aside)
         try:
             yield aside
         finally:
-            sizelimit.unmount_image(aside)
+            kernel.unmount(aside)
     finally:
         aside.rmdir()
 

@@ -331,7 +331,7 @@ def test_without_cap_sys_resource_a_mounted_grow_says_so_and_completes_unmounted
     (number,) = loopdev.backed_by(image)
     assert loopdev.size_bytes(number) == 48 * MIB  # LOOP_SET_CAPACITY came first
     assert sizelimit.usage(mounted).limit < 16 * MIB
-    sizelimit.unmount_image(mounted)
+    kernel.unmount(mounted)
     sizelimit.grow_image(image, None, 48 * MIB)
     sizelimit.mount_image(image, mounted)
     assert sizelimit.usage(mounted).limit > 40 * MIB
@@ -357,7 +357,7 @@ def test_shrinking_is_refused_when_the_changes_do_not_fit(scratch: Path) -> None
     sizelimit.mount_image(image, target)
     fill(target, "data", 40 * MIB)
     kept = digest(target / "data")
-    sizelimit.unmount_image(target)
+    kernel.unmount(target)
     with pytest.raises(sizelimit.ResizeRefused, match="the changes need at least"):
         sizelimit.shrink_image(image, 16 * MIB)
     assert image.stat().st_size == 64 * MIB
@@ -373,7 +373,7 @@ def test_shrinking_an_unused_image_whose_changes_fit(scratch: Path) -> None:
     sizelimit.mount_image(image, target)
     fill(target, "data", 2 * MIB)
     kept = digest(target / "data")
-    sizelimit.unmount_image(target)
+    kernel.unmount(target)
     sizelimit.shrink_image(image, 24 * MIB)
     assert image.stat().st_size == 24 * MIB
     sizelimit.mount_image(image, target)
@@ -388,7 +388,7 @@ def test_a_shrink_below_the_smallest_size_is_refused(image: Path) -> None:
 
 def test_unmounting_leaves_no_loop_device_naming_the_image(image: Path, mounted: Path) -> None:
     assert len(loopdev.backed_by(image)) == 1
-    sizelimit.unmount_image(mounted)
+    kernel.unmount(mounted)
     assert loopdev.backed_by(image) == []
     assert mounts_under(mounted) == []
 
@@ -456,21 +456,21 @@ def test_an_image_still_held_by_another_namespace_is_mounted_from_the_same_devic
     image: Path, mounted: Path, copy_of_the_mounts: subprocess.Popen[bytes]
 ) -> None:
     (mounted / "kept").write_text("changes")
-    sizelimit.unmount_image(mounted)
+    kernel.unmount(mounted)
     (number,) = loopdev.backed_by(image)  # the copy holds the filesystem
     assert sizelimit.mount_image(image, mounted) == loopdev.device_path(number)
     assert (mounted / "kept").read_text() == "changes"
     copy_of_the_mounts.kill()
     copy_of_the_mounts.wait()
     assert loopdev.backed_by(image) == [number]
-    sizelimit.unmount_image(mounted)
+    kernel.unmount(mounted)
     assert loopdev.backed_by(image) == []
 
 
 def test_an_image_held_by_another_namespace_is_not_resized_offline(
     image: Path, mounted: Path, copy_of_the_mounts: subprocess.Popen[bytes]
 ) -> None:
-    sizelimit.unmount_image(mounted)
+    kernel.unmount(mounted)
     with pytest.raises(sizelimit.ImageInUse):
         sizelimit.grow_image(image, None, 32 * MIB)
     assert image.stat().st_size == 16 * MIB
@@ -562,7 +562,7 @@ def test_detach_waits_for_the_mount_to_go(image: Path, mounted: Path) -> None:
     (number,) = loopdev.backed_by(image)
     loopdev.detach(number)
     assert (mounted / "lost+found").is_dir()
-    sizelimit.unmount_image(mounted)
+    kernel.unmount(mounted)
     assert loopdev.backed_by(image) == []
     loopdev.detach(number)  # not attached: nothing to do
 
