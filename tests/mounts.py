@@ -4,6 +4,7 @@ filled up to its limit."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 from pathlib import Path
@@ -54,3 +55,16 @@ def fill(folder: Path, name: str, size: int) -> int:
         except OSError as error:
             assert error.errno == errno.ENOSPC, error
     return written
+
+
+def lock_is_free(directory: Path) -> bool:
+    """Whether nobody holds the flock on `directory` (a volume's activemounts/, which the
+    daemon locks), probed without waiting."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)

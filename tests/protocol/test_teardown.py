@@ -18,6 +18,7 @@ import signal
 import threading
 from pathlib import Path
 
+from ..mounts import lock_is_free
 from .conftest import Daemon, PluginClient, Workspace, mounts_at, mounts_under, wait_until
 
 UNMOUNT = "/VolumeDriver.Unmount"
@@ -51,17 +52,6 @@ class Frozen:
 
     def __exit__(self, *_: object) -> None:
         self.thaw()  # a frozen filesystem would block the clean-up
-
-
-def lock_is_free(activemounts: Path) -> bool:
-    fd = os.open(activemounts, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def sized_volume_in_use(ws: Workspace, client: PluginClient) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ from docker_on_top import kernel
 from docker_on_top.driver import Driver
 from docker_on_top.errors import BusyError, InternalError, UserError
 
-from ..mounts import mounts_under
+from ..mounts import lock_is_free, mounts_under
 from .conftest import commands_of, new_driver, recover_driver, run_doctor
 
 ID_A = "a" * 64
@@ -266,26 +265,17 @@ def test_last_unmount_removes_mountpoint_and_workdir(driver: Driver, base: Path)
     assert sorted(p.name for p in folder.iterdir()) == ["activemounts", "metadata.json", "upper"]
 
 
-def lock_is_free(folder: Path) -> bool:
-    fd = os.open(folder / "activemounts", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def test_b11_the_last_unmount_replies_with_its_record_gone_before_the_teardown(
     driver: Driver, base: Path
 ) -> None:
     folder = make_volume(driver, base)
     driver.mount("v", ID_A)
     seen: list[tuple[dict[str, int], bool, bool]] = []
-    driver.unmount(
-        "v", ID_A, lambda: seen.append((records(folder), mounted(folder), lock_is_free(folder)))
-    )
+
+    def at_reply() -> None:
+        seen.append((records(folder), mounted(folder), lock_is_free(folder / "activemounts")))
+
+    driver.unmount("v", ID_A, at_reply)
     assert seen == [({}, True, False)]  # record gone, overlay still mounted, lock held
     assert not mounted(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["activemounts", "metadata.json", "upper"]
