@@ -15,6 +15,8 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -33,14 +35,22 @@ REPLY_TIMEOUT_S = 5.0
 
 class Frozen:
     """The filesystem mounted on `folder`, frozen for the `with` block unless thawed
-    before its end."""
+    before its end.
+
+    The test's descriptor is opened through a bind mount of `folder` elsewhere: one
+    opened on `folder` itself would make the daemon's unmount of it fail with EBUSY if
+    the teardown got there between the thaw and the close.
+    """
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder
+        self._bind = ""
         self._fd = -1
 
     def __enter__(self) -> Frozen:
-        self._fd = os.open(self._folder, os.O_RDONLY | os.O_DIRECTORY)
+        self._bind = tempfile.mkdtemp(prefix="dot-frozen-")
+        subprocess.run(["mount", "--bind", str(self._folder), self._bind], check=True)
+        self._fd = os.open(self._bind, os.O_RDONLY | os.O_DIRECTORY)
         fcntl.ioctl(self._fd, FIFREEZE, 0)
         return self
 
@@ -49,6 +59,10 @@ class Frozen:
             fcntl.ioctl(self._fd, FITHAW, 0)
             os.close(self._fd)
             self._fd = -1
+        if self._bind:
+            subprocess.run(["umount", self._bind], check=True)
+            os.rmdir(self._bind)
+            self._bind = ""
 
     def __exit__(self, *_: object) -> None:
         self.thaw()  # a frozen filesystem would block the clean-up
