@@ -16,8 +16,10 @@ What it measures (figures in microseconds unless named otherwise):
   bursts   50 concurrent Mounts of one volume with 50 IDs, then 50 concurrent Unmounts;
            50 concurrent Mounts of 50 volumes, then their Unmounts: wall time, and a check
            that the final state is exact (mount table; with --state-dir, the records);
+  awake    Get and List each right after a Capabilities (the daemon just awake), and
+           Capabilities after idle gaps of 0 to 5 ms: what waking the daemon costs;
   cpu      the daemon's CPU time (user + system, from /proc/PID/stat) per Capabilities,
-           Get, Mount + Unmount pair and Create + Remove pair: unlike wall time it does not
+           Get, List, Mount + Unmount pair and Create + Remove pair: unlike wall time it does not
            count waiting for a core, so it means something on a busy machine too;
   memory   the daemon's RSS (its PID comes from SO_PEERCRED on the socket) when idle,
            after the bursts, and, after 1,000 mixed requests to warm up, before and
@@ -573,6 +575,48 @@ class Bench:
                 self.call("VolumeDriver.Remove", {"Name": name})
         return {"one_volume": one_volume, "many_volumes": many_volumes}
 
+    # - awake: the same calls with the daemon just awake, and idle gaps -
+
+    def awake(self, iterations: int) -> dict[str, object]:
+        """Get and List each sent right after a Capabilities (the daemon has just answered,
+        so nothing of it is asleep), and Capabilities after an idle gap of each of
+        AWAKE_GAPS_MS. A thread asleep for milliseconds is slow to wake (on a VM its
+        vCPU may have halted), so in the latency part a call that follows a slow one,
+        Get after Create, pays for the wait the daemon had; this part shows how much."""
+        name = f"{self.prefix}-awake"
+        self.must("VolumeDriver.Create", {"Name": name, "Opts": self.create_options()})
+        connection = Connection(self.path)
+        clock = time.perf_counter_ns
+        capabilities = encode("VolumeDriver.Capabilities", None)
+        timed = {
+            "Get": encode("VolumeDriver.Get", {"Name": name}),
+            "List": encode("VolumeDriver.List", {}),
+        }
+        samples: dict[str, list[int]] = {key: [] for key in timed}
+        gaps: dict[str, list[int]] = {f"{gap_ms} ms": [] for gap_ms in AWAKE_GAPS_MS}
+        try:
+            with no_gc():
+                for _ in range(iterations):
+                    for key, raw in timed.items():
+                        connection.call(capabilities)
+                        started = clock()
+                        status, body = connection.call(raw)
+                        samples[key].append(clock() - started)
+                        self._note(f"awake {key}", status, body)
+                    for gap_ms in AWAKE_GAPS_MS:
+                        time.sleep(gap_ms / 1000)
+                        started = clock()
+                        status, body = connection.call(capabilities)
+                        gaps[f"{gap_ms} ms"].append(clock() - started)
+                        self._note("awake Capabilities", status, body)
+        finally:
+            connection.close()
+            self.call("VolumeDriver.Remove", {"Name": name})
+        return {
+            "after_capabilities": {key: summary(values) for key, values in samples.items()},
+            "capabilities_after_gap": {key: summary(values) for key, values in gaps.items()},
+        }
+
     # - the daemon's own CPU time per request -
 
     def cpu(self) -> dict[str, object]:
@@ -609,6 +653,7 @@ class Bench:
             measure("Capabilities", 2010, lambda _: [encode("VolumeDriver.Capabilities")])
             self.must("VolumeDriver.Create", {"Name": name, "Opts": options})
             measure("Get", 1010, lambda _: [encode("VolumeDriver.Get", {"Name": name})])
+            measure("List", 1010, lambda _: [encode("VolumeDriver.List", {})])
 
             def mount_pair(_: int) -> list[bytes]:
                 document = {"Name": name, "ID": secrets.token_hex(32)}
@@ -807,7 +852,9 @@ def make_base(parent: str | None = None) -> Path:
     return base
 
 
-PARTS = ("latency", "cpu", "bursts", "memory", "scale")
+PARTS = ("latency", "cpu", "bursts", "awake", "memory", "scale")
+# The idle gaps of the awake part, in milliseconds.
+AWAKE_GAPS_MS = (0, 0.5, 2, 5)
 # How long the check of a burst waits for teardowns after the replies (SPEC B11).
 TEARDOWN_WAIT_S = 10.0
 
@@ -845,6 +892,9 @@ def run(
             results["bursts"] = bench.bursts(BURST_SIZE, BURST_ROUNDS)
             time.sleep(0.2)
             memory["after_bursts"] = process_memory(bench.pid)
+        if "awake" in parts:
+            log(f"awake: Get and List right after a Capabilities, idle gaps; {iterations} each")
+            results["awake"] = bench.awake(iterations)
         if "memory" in parts:
             log(f"memory: {LOAD_WARMUP} mixed requests to warm up, then 2 x {LOAD_REQUESTS}")
             memory["warmup"] = bench.load(LOAD_WARMUP)
@@ -903,8 +953,24 @@ def table(results: dict) -> str:
             f"  unmount {burst['unmount_ms']['median']:7.1f} ms  (median of {burst['rounds']})"
             f"  final state exact: {'yes' if burst['exact'] else 'NO'}"
         )
+    awake = results.get("awake")
+    if awake:
+        lines.append(
+            "Right after a Capabilities: "
+            + ", ".join(
+                f"{key} p50 {figures['p50']:.0f} µs"
+                for key, figures in awake["after_capabilities"].items()
+            )
+        )
+        lines.append(
+            "Capabilities p50 after an idle gap of "
+            + ", ".join(
+                f"{gap}: {figures['p50']:.0f} µs"
+                for gap, figures in awake["capabilities_after_gap"].items()
+            )
+        )
     cpu = results.get("cpu") or {}
-    for label in ("Capabilities", "Get", "Mount+Unmount", "Create+Remove"):
+    for label in ("Capabilities", "Get", "List", "Mount+Unmount", "Create+Remove"):
         if label in cpu:
             lines.append(f"Daemon CPU per {label:<16}{cpu[label]['cpu_us']:8.0f} µs")
     memory = results["memory"]

@@ -402,6 +402,26 @@ def _each_round(latency: dict, endpoint: str) -> str:
     )
 
 
+def _awake_lines(ours: dict, theirs: dict | None) -> list[str]:
+    """The awake part (not a target): what the latency part's calls cost without the
+    wait before them, and what an idle gap adds."""
+    lines = []
+    for group, label in (
+        ("after_capabilities", "  Right after a Capabilities (the daemon awake), p50:"),
+        ("capabilities_after_gap", "  Capabilities p50 after an idle gap of"),
+    ):
+        figures = ours.get("awake", {}).get(group)
+        if not figures:
+            continue
+        go = (theirs or {}).get("awake", {}).get(group, {})
+        shown = [
+            f"{key} ours {value:.0f}" + (f", Go {go[key]:.0f}" if key in go else "")
+            for key, value in figures.items()
+        ]
+        lines.append(f"{label} " + "; ".join(shown) + " µs")
+    return lines
+
+
 def report(results: dict) -> str:
     go = go_figures(results)
     compared = results.get("compared")
@@ -452,6 +472,7 @@ def report(results: dict) -> str:
             if go_latency is not None:
                 line += f"; Go {_each_round(go_latency, endpoint)}"
             lines.append(line)
+        lines += _awake_lines(proto, compared["protocol"] if compared else None)
     floor = results.get("kernel_floor")
     if floor:
         lines += [
@@ -499,7 +520,7 @@ def report(results: dict) -> str:
             "Daemon CPU time per request (all threads, user + system; waiting for a core does "
             "not count), µs:",
             f"  ours: Capabilities {cpu['Capabilities']['cpu_us']:.0f}, "
-            f"Get {cpu['Get']['cpu_us']:.0f}, "
+            f"Get {cpu['Get']['cpu_us']:.0f}, List {cpu['List']['cpu_us']:.0f}, "
             f"Mount + Unmount {cpu['Mount+Unmount']['cpu_us']:.0f}, "
             f"Create + Remove {cpu['Create+Remove']['cpu_us']:.0f}",
         ]
@@ -507,7 +528,7 @@ def report(results: dict) -> str:
         if "Mount+Unmount" in go_cpu:
             lines.append(
                 f"  Go:   Capabilities {go_cpu['Capabilities']['cpu_us']:.0f}, "
-                f"Get {go_cpu['Get']['cpu_us']:.0f}, "
+                f"Get {go_cpu['Get']['cpu_us']:.0f}, List {go_cpu['List']['cpu_us']:.0f}, "
                 f"Mount + Unmount {go_cpu['Mount+Unmount']['cpu_us']:.0f}, "
                 f"Create + Remove {go_cpu['Create+Remove']['cpu_us']:.0f}"
             )
@@ -790,10 +811,19 @@ def merge_rounds(rounds: list[dict]) -> dict:
         merged["exact"] = all(burst["exact"] for burst in each)
         merged["problems"] = [problem for burst in each for problem in burst["problems"]][:10]
         bursts[key] = merged
+    awake = {
+        group: {
+            key: round(statistics.median(found["awake"][group][key]["p50"] for found in rounds), 1)
+            for key in rounds[0]["awake"][group]
+        }
+        for group in ("after_capabilities", "capabilities_after_gap")
+        if all("awake" in found for found in rounds)
+    }
     return {
         "rounds": len(rounds),
         "latency": latency,
         "bursts": bursts,
+        "awake": awake,
         "idle_fresh": rounds[0]["memory"].get("idle"),
         "errors": [error for found in rounds for error in found["errors"]][:20],
     }
@@ -832,7 +862,7 @@ def protocol_rounds(
             found[label].append(
                 protocol_part(
                     socket_path, state_dir, workspace / f"round-{label}.json",
-                    "latency,bursts", iterations,
+                    "latency,bursts,awake", iterations,
                 )
             )  # fmt: skip
     return merge_floors(floors), {label: merge_rounds(each) for label, each in found.items()}
