@@ -76,7 +76,7 @@ def measure(scratch: Path, runs: int) -> dict[str, object]:
     mount, unmount = [], []
     for _ in range(runs):
         mount.append(_timed(lambda: sizelimit.mount_image(image, target)))
-        unmount.append(_timed(lambda: sizelimit.unmount_image(target)))
+        unmount.append(_timed(lambda: kernel.unmount(target)))
         if loopdev.backed_by(image):
             raise RuntimeError(f"{image} is still attached after its unmount")
     tmpfs = scratch / "volatile"
@@ -116,7 +116,7 @@ def measure(scratch: Path, runs: int) -> dict[str, object]:
                 "write_64mib_fsync_ms": _median_ms(writes),
             }
     finally:
-        sizelimit.unmount_image(target)
+        kernel.unmount(target)
     return {
         "runs": runs,
         "mkdir_ms": _median_ms(plain),
