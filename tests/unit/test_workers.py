@@ -23,8 +23,20 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.001)
 
 
-def worker_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name == "worker"]
+def worker_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "worker"}
+
+
+@pytest.fixture
+def others() -> set[threading.Thread]:
+    """Worker threads of other tests' pools, still alive: not this test's."""
+    return worker_threads()
+
+
+@pytest.fixture
+def long_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle threads stay for the whole test, however slow the machine."""
+    monkeypatch.setattr(workers, "WORKER_IDLE_S", 600.0)
 
 
 def voluntary_switches(native_id: int) -> int:
@@ -37,7 +49,7 @@ def voluntary_switches(native_id: int) -> int:
 
 
 @pytest.fixture
-def pool() -> Workers:
+def pool(long_idle: None) -> Workers:
     made = Workers(4)
     yield made
     made.close()
@@ -55,7 +67,7 @@ def test_jobs_beyond_the_bound_wait_and_run_in_the_order_given() -> None:
     assert ran == [0, 1, 2, 3, 4]
 
 
-def test_at_most_the_bound_run_at_once() -> None:
+def test_at_most_the_bound_run_at_once(others: set[threading.Thread]) -> None:
     pool = Workers(3)
     gate = threading.Event()
     lock = threading.Lock()
@@ -72,7 +84,7 @@ def test_at_most_the_bound_run_at_once() -> None:
     for _ in range(10):
         pool.submit(job)
     wait_until(lambda: running[0] == 3, "three jobs running")
-    assert len(worker_threads()) == 3
+    assert len(worker_threads() - others) == 3
     gate.set()
     pool.close()
     assert running == [0, 3]
@@ -124,22 +136,26 @@ def test_a_job_wakes_no_other_idle_thread(pool: Workers) -> None:
     assert woken[2] >= 20
 
 
-def test_an_idle_thread_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_idle_thread_ends(
+    monkeypatch: pytest.MonkeyPatch, others: set[threading.Thread]
+) -> None:
     monkeypatch.setattr(workers, "WORKER_IDLE_S", 0.01)
     pool = Workers(2)
     done = threading.Event()
     pool.submit(done.set)
     done.wait(HANG_S)
-    wait_until(lambda: not worker_threads(), "the idle thread ended")
+    wait_until(lambda: not worker_threads() - others, "the idle thread ended")
     # And a new job starts a thread again.
     again = threading.Event()
     pool.submit(again.set)
     assert again.wait(HANG_S)
     pool.close()
-    assert not worker_threads()
+    assert not worker_threads() - others
 
 
-def test_close_runs_the_jobs_given_then_ends_every_thread() -> None:
+def test_close_runs_the_jobs_given_then_ends_every_thread(
+    others: set[threading.Thread],
+) -> None:
     pool = Workers(2)
     gate = threading.Event()
     ran: list[int] = []
@@ -153,7 +169,7 @@ def test_close_runs_the_jobs_given_then_ends_every_thread() -> None:
     closing.join(HANG_S)
     assert not closing.is_alive()
     assert sorted(ran) == [0, 1, 2, 3]
-    assert not worker_threads()
+    assert not worker_threads() - others
 
 
 def test_a_failing_job_leaves_its_thread_working(caplog: pytest.LogCaptureFixture) -> None:
