@@ -30,7 +30,8 @@ from pathlib import Path
 
 from . import changes, kernel
 from .metadata import Metadata
-from .volume import ROLLBACK, SNAPSHOT, Volume, fsync_directory, write_atomically
+from .statefiles import fsync_directory, write_atomically
+from .volume import ROLLBACK, SNAPSHOT, Volume
 from .walk import remove_tree
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""One volume's folder under the state root: its paths, metadata and usage records.
+"""One volume's folder under the state root: its paths, its metadata and the notes it
+keeps; its usage records are records.py's, how each file is written statefiles.py's.
 
 Layout (shared with docker-on-top v0.1.2, so either plugin can run on the same root):
 
@@ -27,22 +28,20 @@ between the two steps leaves a harmless stray mount, never a record that lies.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import re
 import stat
-import threading
 import time
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from functools import cached_property
 from pathlib import Path
 
-from . import changes, kernel, sizelimit
+from . import changes, sizelimit
 from .metadata import Metadata, rfc3339
+from .records import UsageRecords
+from .statefiles import fsync_directory, read_file, write_atomically
 from .walk import remove_tree
 
 log = logging.getLogger(__name__)
@@ -66,151 +65,6 @@ def make_private(folder: str | Path) -> bool:
         return False
     os.chmod(folder, mode & PRIVATE_MODE)
     return True
-
-
-def write_atomically(path: str | Path, data: bytes, staging: str | Path, *, durable: bool) -> None:
-    """Replace `path` with `data` so a crash leaves the old or the new content, never a mix.
-
-    `staging` must be on the same filesystem and have a single writer at a time.
-    With `durable`, the data and the rename are also forced to disk.
-    """
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.rename(staging, path)
-    except OSError:
-        with suppress(FileNotFoundError):
-            os.unlink(staging)
-        raise
-    if durable:
-        fsync_directory(os.path.dirname(path))
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of `data` to a new file, and check that the file holds that much."""
-    written = 0
-    while written < len(data):
-        count = os.write(fd, data[written:])
-        if count == 0:
-            raise OSError(errno.EIO, "write made no progress")
-        written += count
-    if os.fstat(fd).st_size != len(data):
-        raise OSError(errno.EIO, "the file does not hold what was written")
-
-
-def read_file(path: str) -> bytes:
-    """The whole content of a small file, in as few syscalls as Python allows."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        parts = []
-        while part := os.read(fd, 65536):
-            parts.append(part)
-    finally:
-        os.close(fd)
-    return b"".join(parts)
-
-
-def fsync_directory(directory: str | Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_PROCESS_LOCKS: weakref.WeakValueDictionary[str, threading.Lock] = weakref.WeakValueDictionary()
-_PROCESS_LOCKS_GUARD = threading.Lock()
-
-
-def _process_lock(folder: str) -> threading.Lock:
-    """This process's lock for `folder`, alive while some thread holds or awaits it."""
-    with _PROCESS_LOCKS_GUARD:
-        found = _PROCESS_LOCKS.get(folder)
-        if found is None:
-            found = _PROCESS_LOCKS[folder] = threading.Lock()
-        return found
-
-
-class UsageRecords:
-    """The `activemounts/` folder: which mount IDs use the volume, and how often.
-
-    Every method but `lock` must be called while holding `lock()`. Paths are strings:
-    these run on every Mount and Unmount, where pathlib would cost more than the syscalls.
-    """
-
-    def __init__(self, folder: str, staging: str) -> None:
-        self.folder = folder
-        self._staging = staging
-
-    @contextmanager
-    def lock(self, deadline: float | None = None) -> Iterator[None]:
-        """Hold the volume's lock: the flock on `activemounts/` (shared with the Go plugin
-        and our command line), taken after a lock of this process for the same folder,
-        so that this process's waiters sleep until woken rather than poll the flock.
-
-        `deadline` (time.monotonic) bounds the wait; kernel.LockTimeout when it passes.
-        FileNotFoundError when the folder is gone (the volume was removed meanwhile).
-        """
-        waiters = _process_lock(self.folder)
-        timeout = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        if not waiters.acquire(timeout=timeout):
-            raise kernel.LockTimeout(f"{self.folder} stays locked by another request")
-        try:
-            with kernel.DirectoryLock(self.folder, deadline):
-                yield
-        finally:
-            waiters.release()
-
-    def exists(self) -> bool:
-        return os.path.isdir(self.folder)
-
-    def make(self) -> None:
-        os.mkdir(self.folder)
-
-    def in_use(self) -> bool:
-        with os.scandir(self.folder) as entries:
-            return next(entries, None) is not None
-
-    def ids(self) -> list[str]:
-        return sorted(os.listdir(self.folder))
-
-    def count(self, mount_id: str) -> int | None:
-        """The usage count of `mount_id`; None when it has no record.
-
-        Raises ValueError for a record whose content is not `{"UsageCount": N}`, N >= 1.
-        """
-        try:
-            raw = read_file(f"{self.folder}/{mount_id}")
-        except FileNotFoundError:
-            return None
-        document = json.loads(raw)
-        count = document.get("UsageCount") if isinstance(document, dict) else None
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError(f"record {mount_id} holds {raw[:100]!r}, not a usage count")
-        return count
-
-    def set(self, mount_id: str, count: int) -> None:
-        # No fsync: after a crash or reboot, start-up recovery throws the records away
-        # unless the overlay is still mounted, so only the atomic rename matters.
-        write_atomically(
-            f"{self.folder}/{mount_id}",
-            b'{"UsageCount":%d}' % count,
-            self._staging,
-            durable=False,
-        )
-
-    def remove(self, mount_id: str) -> None:
-        with suppress(FileNotFoundError):
-            os.unlink(f"{self.folder}/{mount_id}")
-
-    def clear(self) -> None:
-        for entry in os.scandir(self.folder):
-            os.unlink(entry.path)
 
 
 class Volume:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from .conftest import Workspace, daemon_recovering, mounts_at
+from .conftest import Workspace, daemon_recovering, flock_held, mounts_at
 
 
 def test_restart_after_crash_while_mounted_leaves_the_volume_mounted(ws: Workspace) -> None:
@@ -192,17 +188,6 @@ def left_by_a_reboot(ws: Workspace, *names: str) -> None:
         subprocess.run(["umount", str(ws.volume(name).mountpoint)], check=True)
 
 
-@contextmanager
-def held(folder: Path) -> Iterator[None]:
-    """A volume's lock held as a long command holds it (its flock on activemounts/)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def wait_for_recovery(ws: Workspace) -> None:
     deadline = time.monotonic() + 60  # a bound on a hang, not a timing
     while daemon_recovering(ws.root):
@@ -213,7 +198,7 @@ def wait_for_recovery(ws: Workspace) -> None:
 def test_the_daemon_answers_while_its_start_up_recovery_waits(ws: Workspace) -> None:
     left_by_a_reboot(ws, "a", "b", "c")
     b, c = ws.volume("b"), ws.volume("c")
-    with held(b.activemounts):
+    with flock_held(b.activemounts):
         ws.start(recovered=False)  # answers although b cannot be recovered yet
         client = ws.client()
         assert daemon_recovering(ws.root)
@@ -236,7 +221,7 @@ def test_a_crash_during_start_up_recovery_leaves_what_the_next_start_recovers(
     ws: Workspace,
 ) -> None:
     left_by_a_reboot(ws, "a", "b", "c")
-    with held(ws.volume("b").activemounts):
+    with flock_held(ws.volume("b").activemounts):
         cut_short = ws.start(recovered=False)
         ws.client().mount("c", "c2")  # a volume recovered and used before the crash
         cut_short.kill()
