@@ -397,15 +397,17 @@ def test_keep_alive_connection_carries_several_requests(
         connection.close()
 
 
+def pipelined(*requests: tuple[str, bytes]) -> bytes:
+    """The (endpoint, body) requests, one after another in one write."""
+    return b"".join(http_request(endpoint, body) for endpoint, body in requests)
+
+
 def test_pipelined_requests_on_one_connection_are_all_answered(ws: Workspace) -> None:
-    data = b"".join(
-        http_request(endpoint, body)
-        for endpoint, body in [
-            ("/Plugin.Activate", b""),
-            ("/VolumeDriver.Get", b'{"Name": "v"}'),
-            ("/VolumeDriver.Get", b'{"Name": "nope"}'),
-            ("/VolumeDriver.List", b""),
-        ]
+    data = pipelined(
+        ("/Plugin.Activate", b""),
+        ("/VolumeDriver.Get", b'{"Name": "v"}'),
+        ("/VolumeDriver.Get", b'{"Name": "nope"}'),
+        ("/VolumeDriver.List", b""),
     )
     replies = parse_responses(raw_exchange(ws.socket, data, half_close=True, timeout=3))
     assert [r.status for r in replies] == [200, 200, 500, 200]
@@ -419,14 +421,11 @@ def test_pipelined_requests_for_workers_then_the_end_of_stream_are_all_answered(
     end of the stream may be read while a worker answers; every request is answered
     before the connection ends (the loop listens on while a worker has the connection).
     Repeated: the end of the stream is read at a different moment each time."""
-    data = b"".join(
-        http_request(endpoint, body)
-        for endpoint, body in [
-            ("/VolumeDriver.Create", b"{}"),
-            ("/VolumeDriver.List", b""),
-            ("/VolumeDriver.Create", b"{}"),
-            ("/Plugin.Activate", b""),
-        ]
+    data = pipelined(
+        ("/VolumeDriver.Create", b"{}"),
+        ("/VolumeDriver.List", b""),
+        ("/VolumeDriver.Create", b"{}"),
+        ("/Plugin.Activate", b""),
     )
     for _ in range(40):
         replies = parse_responses(raw_exchange(ws.socket, data, half_close=True, timeout=3))

@@ -12,12 +12,14 @@ tore down before replying would send no reply at all while the image is frozen.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..mounts import lock_is_free
@@ -68,23 +70,27 @@ class Frozen:
         self.thaw()  # a frozen filesystem would block the clean-up
 
 
-def sized_volume_in_use(ws: Workspace, client: PluginClient) -> Path:
-    """Volume `v` with a size limit, mounted for c1, holding one change."""
+@contextlib.contextmanager
+def unmounted_while_frozen(ws: Workspace, client: PluginClient) -> Iterator[Frozen]:
+    """Volume `v` with a size limit, mounted for c1 and holding one change, then its
+    storage frozen and c1's Unmount sent: the Unmount has replied, its teardown waits for
+    the thaw (the `with` block's end, unless thawed before)."""
     client.create("v", ws.base, size="32M")
     mountpoint = Path(client.mount("v", "c1"))
     (mountpoint / "change.txt").write_text("made by c1\n")
-    return mountpoint
+    quick = PluginClient(ws.socket, timeout=REPLY_TIMEOUT_S)
+    with Frozen(ws.volume("v").folder / "limit") as ice:
+        reply = quick.call(UNMOUNT, {"Name": "v", "ID": "c1"})
+        assert reply.status == 200 and reply.json == {}, reply
+        yield ice
 
 
 def test_b11_unmount_replies_before_its_teardown_which_keeps_the_lock(
     ws: Workspace, client: PluginClient
 ) -> None:
-    mountpoint = sized_volume_in_use(ws, client)
     volume = ws.volume("v")
-    quick = PluginClient(ws.socket, timeout=REPLY_TIMEOUT_S)
-    with Frozen(volume.folder / "limit"):
-        reply = quick.call(UNMOUNT, {"Name": "v", "ID": "c1"})
-        assert reply.status == 200 and reply.json == {}, reply
+    mountpoint = volume.mountpoint
+    with unmounted_while_frozen(ws, client):
         # The record went before the reply; the teardown has not ended and holds the lock.
         assert volume.records() == {}
         assert not lock_is_free(volume.activemounts)
@@ -97,12 +103,10 @@ def test_b11_unmount_replies_before_its_teardown_which_keeps_the_lock(
 def test_b11_a_mount_during_a_teardown_waits_for_it_and_mounts_the_volume(
     ws: Workspace, daemon: Daemon, client: PluginClient
 ) -> None:
-    mountpoint = sized_volume_in_use(ws, client)
     volume = ws.volume("v")
-    quick = PluginClient(ws.socket, timeout=REPLY_TIMEOUT_S)
+    mountpoint = volume.mountpoint
     mounted: list[object] = []
-    with Frozen(volume.folder / "limit") as ice:
-        assert quick.call(UNMOUNT, {"Name": "v", "ID": "c1"}).status == 200
+    with unmounted_while_frozen(ws, client) as ice:
         waiter = threading.Thread(target=lambda: mounted.append(client.mount("v", "c2")))
         waiter.start()
         # The daemon logs each request when it begins to answer it.
@@ -140,11 +144,9 @@ def test_b11_a_mount_right_after_an_unmount_on_one_connection_works(
 def test_b11_b9_a_stop_finishes_the_teardown_under_way(
     ws: Workspace, daemon: Daemon, client: PluginClient
 ) -> None:
-    mountpoint = sized_volume_in_use(ws, client)
     volume = ws.volume("v")
-    quick = PluginClient(ws.socket, timeout=REPLY_TIMEOUT_S)
-    with Frozen(volume.folder / "limit") as ice:
-        assert quick.call(UNMOUNT, {"Name": "v", "ID": "c1"}).status == 200
+    mountpoint = volume.mountpoint
+    with unmounted_while_frozen(ws, client) as ice:
         daemon.signal(signal.SIGTERM)
         wait_until(lambda: not ws.socket.exists(), "the stop has begun (the socket is gone)")
         assert daemon.process.poll() is None, "the daemon quit with a teardown under way"
