@@ -35,42 +35,35 @@ is cut before it has read it all) goes back to the application (`undelivered`), 
 on a worker: undoing a Mount may wait on its volume's lock.
 
 PluginServer is somewhat over 250 lines: it is one state machine over every connection
-(_State), and its parts (accepting, reading, replying, timing out, making room) share
+(State), and its parts (accepting, reading, replying, timing out, making room) share
 the loop's state; split into classes they would pass it back and forth.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import selectors
 import socket
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Protocol
 
+from .connections import Connection, State, longest_waiting, overdue
 from .listener import Listener
-from .wire import CONTINUE, BadRequest, Request, RequestReader, Response, encode_response
+from .wire import CONTINUE, BadRequest, Request, Response, encode_response
 from .workers import Workers
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 512
-# A client that stops sending in the middle of a request, or stops reading its reply,
-# is dropped after this long.
-REQUEST_TIMEOUT_S = 30.0
-# dockerd keeps idle keep-alive connections without limit and a POST is not retried on
-# a connection we close under it, so idle connections are kept long.
-IDLE_TIMEOUT_S = 3600.0
 # How often connections that wait too long on their client are looked for.
 _SWEEP_INTERVAL_S = 5.0
-# After an error reply, what the client still sends is read and dropped, briefly, so
-# that closing does not reset the connection before it has read the reply.
-_DRAIN_S = 1.0
+# After an error reply, what the client still sends is read and dropped (this many
+# reads at most, for connections.DRAIN_S), so that closing does not reset the connection
+# before it has read the reply.
 _DRAIN_READS = 64
 # How often the loop looks for the return of a connection it stopped listening to while
 # a worker had it (its client sent more, or hung up, meanwhile: rare).
@@ -98,53 +91,6 @@ class Application(Protocol):
     def undelivered(self, request: Request, response: Response) -> None: ...
 
 
-class _State(enum.Enum):
-    IDLE = "idle"  # between requests
-    RECEIVING = "receiving"  # part of a request has arrived
-    ANSWERING = "answering"  # the request is being answered; never cut
-    SENDING = "sending"  # the reply waits for the client to read it
-    DRAINING = "draining"  # an error reply was sent; what follows is dropped
-
-
-class _Client:
-    """One connection and where it stands."""
-
-    __slots__ = (
-        "answered",
-        "closing",
-        "ended",
-        "events",
-        "reader",
-        "reads",
-        "refused",
-        "replying",
-        "since",
-        "sock",
-        "state",
-        "unsent",
-    )
-
-    def __init__(self, sock: socket.socket, now: float) -> None:
-        self.sock = sock
-        self.events = selectors.EVENT_READ  # what the selector waits for; 0 when unregistered
-        self.reader = RequestReader()
-        self.unsent = memoryview(b"")
-        # The request and response whose reply is in `unsent`, for `undelivered`.
-        self.answered: tuple[Request, Response] | None = None
-        self.state = _State.IDLE
-        # When it began to wait on its client (the basis of every timeout).
-        self.since = now
-        self.reads = 0  # while draining
-        self.ended = False  # the client sends nothing more
-        self.closing = False  # close once the reply is sent
-        self.refused = False  # the reply is an error about the request itself
-        # Held by a worker from the sending of its reply to the handing back.
-        self.replying = threading.Lock()
-
-    def waits_on_client(self) -> bool:
-        return self.state is not _State.ANSWERING
-
-
 class PluginServer:
     def __init__(self, application: Application, listener: Listener) -> None:
         self._app = application
@@ -154,14 +100,14 @@ class PluginServer:
         self._workers = Workers(MAX_WORKERS)
         # Connections that workers hand back: whether their reply went out (all of it,
         # or the rest is in `unsent`), or not.
-        self._handed_back: deque[tuple[_Client, bool]] = deque()
+        self._handed_back: deque[tuple[Connection, bool]] = deque()
         # Only the loop thread touches these.
         self._selector = selectors.DefaultSelector()
-        self._clients: set[_Client] = set()
-        self._pending: deque[_Client] = deque()
+        self._clients: set[Connection] = set()
+        self._pending: deque[Connection] = deque()
         # Connections a worker has that the client sent to or hung up on: the loop stopped
         # listening to them and looks for their return every _PARKED_POLL_S.
-        self._parked: set[_Client] = set()
+        self._parked: set[Connection] = set()
         self._next_sweep = 0.0
 
     def request_stop(self) -> None:
@@ -222,7 +168,7 @@ class PluginServer:
         except BaseException:
             # A worker's connection stays with it: the worker ends before serve returns.
             for client in list(self._clients):
-                if client.state is not _State.ANSWERING:
+                if client.state is not State.ANSWERING:
                     self._close(client)
             if self._listener is not None:
                 self._stop_listening()
@@ -233,7 +179,7 @@ class PluginServer:
         self._selector.unregister(self._listener.socket)
         self._listener.close()
         self._listener = None
-        idle = [c for c in self._clients if c.state in (_State.IDLE, _State.DRAINING)]
+        idle = [c for c in self._clients if c.state in (State.IDLE, State.DRAINING)]
         for client in idle:
             self._close(client)
         if self._clients:
@@ -256,42 +202,23 @@ class PluginServer:
                 sock.close()
                 continue
             sock.setblocking(False)
-            client = _Client(sock, time.monotonic())
+            client = Connection(sock, time.monotonic())
             self._clients.add(client)
             self._selector.register(sock, selectors.EVENT_READ, client)
 
     def _make_room(self) -> bool:
         """Cut the connection that has waited longest on its client, idle ones first."""
-        for state in (_State.IDLE, _State.DRAINING, _State.RECEIVING, _State.SENDING):
-            waiting = [client for client in self._clients if client.state is state]
-            if waiting:
-                self._close(min(waiting, key=lambda client: client.since))
-                return True
-        return False
+        victim = longest_waiting(self._clients)
+        if victim is None:
+            return False
+        self._close(victim)
+        return True
 
     def _cut_overdue(self, now: float) -> None:
-        for client in list(self._clients):
-            if not client.waits_on_client():
-                continue
-            waited = now - client.since
-            if client.state is _State.IDLE:
-                overdue = waited > IDLE_TIMEOUT_S
-            elif client.state is _State.DRAINING:
-                overdue = waited > _DRAIN_S
-            else:
-                overdue = waited > REQUEST_TIMEOUT_S
-                if overdue:
-                    log.info(
-                        "dropping a client that took over %.0f s %s",
-                        REQUEST_TIMEOUT_S,
-                        "to send its request"
-                        if client.state is _State.RECEIVING
-                        else "to read its reply",
-                    )
-            if overdue:
-                self._close(client)
+        for client in overdue(self._clients, now):
+            self._close(client)
 
-    def _close(self, client: _Client) -> None:
+    def _close(self, client: Connection) -> None:
         """Close a connection the loop holds (never one a worker has)."""
         if client not in self._clients:
             return
@@ -303,7 +230,7 @@ class PluginServer:
             request, response = client.answered
             self._workers.submit(lambda: self._app.undelivered(request, response))
 
-    def _listen_for(self, client: _Client, events: int) -> None:
+    def _listen_for(self, client: Connection, events: int) -> None:
         if events == client.events:
             return
         if not events:
@@ -314,10 +241,10 @@ class PluginServer:
             self._selector.modify(client.sock, events, client)
         client.events = events
 
-    def _on_ready(self, client: _Client, events: int) -> None:
+    def _on_ready(self, client: Connection, events: int) -> None:
         if client not in self._clients:
             return  # closed since the select, as it was handed back
-        if client.state is _State.ANSWERING:
+        if client.state is State.ANSWERING:
             # Most often the client's next request, sent as soon as it had the reply,
             # while the worker was handing the connection back: wait for that.
             if client.replying.locked():
@@ -327,7 +254,7 @@ class PluginServer:
             self._take_pending_requests()  # before an end of stream is read (see above)
             if client not in self._clients:
                 return
-        if client.state is _State.ANSWERING:
+        if client.state is State.ANSWERING:
             # The worker is still at work: stop listening (a level-triggered event would
             # come back at once) until it hands the connection back. It is not asked to
             # wake the loop for it: whether it must would then depend on when the client
@@ -340,7 +267,7 @@ class PluginServer:
         elif events & selectors.EVENT_READ:
             self._receive(client)
 
-    def _receive(self, client: _Client) -> None:
+    def _receive(self, client: Connection) -> None:
         try:
             data = client.sock.recv(65536)
         except BlockingIOError:
@@ -349,7 +276,7 @@ class PluginServer:
             log.debug("connection closed: %s", error)
             self._close(client)
             return
-        if client.state is _State.DRAINING:
+        if client.state is State.DRAINING:
             client.reads += 1
             if not data or client.reads >= _DRAIN_READS:
                 self._close(client)
@@ -362,12 +289,12 @@ class PluginServer:
                 return
         else:
             client.reader.feed(data)
-            if client.state is _State.IDLE:
-                client.state = _State.RECEIVING
+            if client.state is State.IDLE:
+                client.state = State.RECEIVING
                 client.since = time.monotonic()
         self._take_request(client)
 
-    def _take_request(self, client: _Client) -> None:
+    def _take_request(self, client: Connection) -> None:
         """Answer the next request of the client, once it is whole."""
         try:
             request = client.reader.next_request()
@@ -380,7 +307,7 @@ class PluginServer:
             if client.reader.take_continue():
                 self._send_interim(client)
             return
-        client.state = _State.ANSWERING
+        client.state = State.ANSWERING
         client.closing = client.ended or not request.keep_alive
         if self._app.may_block(request):
             # The loop goes on listening: a keep-alive connection's next request then
@@ -389,11 +316,11 @@ class PluginServer:
             return
         self._app.answer(request, lambda response: self._reply_on_loop(client, request, response))
 
-    def _reply_on_loop(self, client: _Client, request: Request, response: Response) -> None:
+    def _reply_on_loop(self, client: Connection, request: Request, response: Response) -> None:
         client.answered = request, response
         self._reply(client, encode_response(response, keep_alive=request.keep_alive))
 
-    def _send_interim(self, client: _Client) -> None:
+    def _send_interim(self, client: Connection) -> None:
         """`100 Continue`; what does not fit goes out in front of the reply."""
         try:
             sent = client.sock.send(CONTINUE)
@@ -405,12 +332,12 @@ class PluginServer:
             return
         client.unsent = memoryview(CONTINUE)[sent:]
 
-    def _answer_on_worker(self, client: _Client, request: Request) -> None:
+    def _answer_on_worker(self, client: Connection, request: Request) -> None:
         """On a worker: answer and send, and hand the connection back to the loop; what the
         application does after its reply runs on here."""
         self._app.answer(request, lambda response: self._reply_on_worker(client, request, response))
 
-    def _reply_on_worker(self, client: _Client, request: Request, response: Response) -> None:
+    def _reply_on_worker(self, client: Connection, request: Request, response: Response) -> None:
         reply = bytes(client.unsent) + encode_response(response, keep_alive=request.keep_alive)
         failure = None
         with client.replying:
@@ -446,19 +373,19 @@ class PluginServer:
             if not delivering:
                 self._close(client)
                 continue
-            client.state = _State.SENDING
+            client.state = State.SENDING
             client.since = time.monotonic()
             self._send(client)
 
-    def _reply(self, client: _Client, reply: bytes) -> None:
+    def _reply(self, client: Connection, reply: bytes) -> None:
         if client not in self._clients:
             return
         client.unsent = memoryview(bytes(client.unsent) + reply if client.unsent else reply)
-        client.state = _State.SENDING
+        client.state = State.SENDING
         client.since = time.monotonic()
         self._send(client)
 
-    def _send(self, client: _Client) -> None:
+    def _send(self, client: Connection) -> None:
         if client.unsent:
             try:
                 sent = client.sock.send(client.unsent)
@@ -480,17 +407,17 @@ class PluginServer:
         if client.refused and not client.ended:
             with suppress(OSError):
                 client.sock.shutdown(socket.SHUT_WR)
-            client.state = _State.DRAINING
+            client.state = State.DRAINING
         elif client.closing or self._stop_requested:
             self._close(client)
         elif not client.reader.idle:
-            client.state = _State.RECEIVING
+            client.state = State.RECEIVING
             self._pending.append(client)  # pipelined: taken up by the loop, not recursively
         else:
-            client.state = _State.IDLE
+            client.state = State.IDLE
 
     def _take_pending_requests(self) -> None:
         while self._pending:
             client = self._pending.popleft()
-            if client in self._clients and client.state is _State.RECEIVING:
+            if client in self._clients and client.state is State.RECEIVING:
                 self._take_request(client)
