@@ -18,9 +18,12 @@ from docker_on_top.connections import (
     overdue,
 )
 
+# Makes a connection in a state, waiting on its client since a time.
+Make = Callable[[State, float], Connection]
+
 
 @pytest.fixture
-def make() -> Iterator[Callable[[State, float], Connection]]:
+def make() -> Iterator[Make]:
     sockets: list[socket.socket] = []
 
     def connection(state: State, since: float) -> Connection:
@@ -35,7 +38,7 @@ def make() -> Iterator[Callable[[State, float], Connection]]:
         each.close()
 
 
-def test_each_state_has_its_own_timeout_and_an_answered_one_none(make: Callable[[State, float], Connection]) -> None:
+def test_each_state_has_its_own_timeout_and_an_answered_one_none(make: Make) -> None:
     now = 10_000.0
     idle_late = make(State.IDLE, now - IDLE_TIMEOUT_S - 1)
     idle_in_time = make(State.IDLE, now - REQUEST_TIMEOUT_S - 1)
@@ -47,7 +50,7 @@ def test_each_state_has_its_own_timeout_and_an_answered_one_none(make: Callable[
     assert overdue(everyone, now) == [idle_late, draining_late, receiving_late]
 
 
-def test_room_is_made_by_cutting_idle_ones_first_the_oldest_of_them(make: Callable[[State, float], Connection]) -> None:
+def test_room_is_made_by_cutting_idle_ones_first_the_oldest_of_them(make: Make) -> None:
     sending = make(State.SENDING, 1.0)
     newer_idle = make(State.IDLE, 50.0)
     older_idle = make(State.IDLE, 20.0)
