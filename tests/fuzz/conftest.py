@@ -248,8 +248,10 @@ class FuzzTarget:
         """The properties that hold whatever was sent; returns the records (see check_root).
 
         A client that closed early may have left a request still being served (a Mount
-        between mounting the overlay and writing its record), so a failed check is
-        repeated for a moment: only a state that lasts once the daemon is done fails.
+        between mounting the overlay and writing its record; a Remove that renames the
+        folder away while the check reads it, which then finds a file gone), so a failed
+        check is repeated for a moment: only a state that lasts once the daemon is done
+        fails.
         """
         deadline = time.monotonic() + SETTLE_S
         try:
@@ -257,11 +259,11 @@ class FuzzTarget:
                 try:
                     records = self._check()
                     break
-                except AssertionError:
+                except (AssertionError, FileNotFoundError):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
-        except AssertionError as error:
+        except (AssertionError, FileNotFoundError) as error:
             if self.culprit is None:
                 self.culprit = list(self.sent)
             raise AssertionError(
