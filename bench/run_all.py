@@ -14,7 +14,7 @@ that folder (the state root's filesystem).
 
 With --compare, another implementation already serving on SOCKET (the Go original) is
 measured in the same run by the same client: bench/protocol.py's latency and bursts in
-interleaved rounds (ours, it, ours, it, ...; the medians of the rounds count), then its
+interleaved rounds (ours, it, it, ours, ...; the medians of the rounds count), then its
 CPU, memory and (with --compare-state-dir) scale parts. Without it, the Go figures are
 issue 16's reference values and the targets it gives no figure for are n/a.
 
@@ -850,14 +850,19 @@ def protocol_rounds(
     sides: list[tuple[str, str, Path | None]], workspace: Path, rounds: int, iterations: int
 ) -> tuple[dict, dict[str, dict]]:
     """The kernel floor, then latency and bursts of each side, in interleaved rounds
-    (floor, ours, Go, floor, ours, Go, ...) so that the machine's swings hit all alike;
-    (the floor, each side's figures), each merged over the rounds."""
+    (floor, ours, Go, floor, Go, ours, ...) so that the machine's swings hit all alike;
+    (the floor, each side's figures), each merged over the rounds.
+
+    The sides take turns to go first: on this machine's state disk a folder made just
+    after many were removed costs up to 5 times more (ext4 looks past the inodes freed
+    recently), so the side that runs right after the floor's churn, or in a slow stretch
+    of the round, would otherwise always be the same one."""
     floors: list[dict] = []
     found: dict[str, list[dict]] = {label: [] for label, _, _ in sides}
     for index in range(rounds):
         log(f"round {index + 1} of {rounds}: kernel floor and the fsync cost of a Create")
         floors.append(kernel_floor.run(str(workspace), iterations=iterations, warmup=20))
-        for label, socket_path, state_dir in sides:
+        for label, socket_path, state_dir in sides if index % 2 == 0 else sides[::-1]:
             log(f"round {index + 1} of {rounds}: {label} on {socket_path}")
             found[label].append(
                 protocol_part(

@@ -56,6 +56,14 @@ class Driver:
         """Whether start-up recovery has volumes left, which a Get may wait for."""
         return self.store.recovery is not None
 
+    def few_volumes(self) -> bool:
+        """Whether List is a stat or two per volume (see list_volumes): the root holds at
+        most _STAT_EACH_UP_TO folders, by its link count, one stat."""
+        try:
+            return os.stat(self.store.root).st_nlink - 2 <= _STAT_EACH_UP_TO
+        except OSError:
+            return False
+
     def create(self, name: str, options: Mapping[str, str]) -> None:
         volume = self.store.volume(name)
         self.store.recover_first(volume)  # a Create cut short goes first

@@ -24,17 +24,12 @@ CONTENT_TYPE = b"application/vnd.docker.plugins.v1.1+json"
 MOUNT = "/VolumeDriver.Mount"
 UNMOUNT = "/VolumeDriver.Unmount"
 # Requests that may wait on a volume's lock or on the kernel; the others only read.
-_MAY_BLOCK = frozenset(
-    {
-        "/VolumeDriver.Create",
-        "/VolumeDriver.Remove",
-        MOUNT,
-        UNMOUNT,
-        "/VolumeDriver.List",
-    }
-)
+_MAY_BLOCK = frozenset({"/VolumeDriver.Create", "/VolumeDriver.Remove", MOUNT, UNMOUNT})
 # A Get may wait too while start-up recovery has volumes left: it recovers its own first.
 _GET = "/VolumeDriver.Get"
+# A List too, and one of a large root reads the mount table; of a few volumes it is a
+# few stats, like a Get, and the hand-over to a worker would cost more than the answer.
+_LIST = "/VolumeDriver.List"
 # Requests that dockerd may send with an empty body.
 _EMPTY_BODY_OK = frozenset({"/Plugin.Activate", "/VolumeDriver.Capabilities", "/VolumeDriver.List"})
 
@@ -57,6 +52,7 @@ class VolumeDriver(Protocol):
 
     def capabilities(self) -> str: ...
     def recovering(self) -> bool: ...
+    def few_volumes(self) -> bool: ...
     def create(self, name: str, options: Mapping[str, str]) -> None: ...
     def get(self, name: str) -> Mountable: ...
     def remove(self, name: str) -> None: ...
@@ -81,7 +77,13 @@ class PluginAPI:
 
     def may_block(self, request: Request) -> bool:
         path = request.path
-        return path in _MAY_BLOCK or (path == _GET and self._driver.recovering())
+        if path in _MAY_BLOCK:
+            return True
+        if path == _GET:
+            return self._driver.recovering()
+        if path == _LIST:
+            return self._driver.recovering() or not self._driver.few_volumes()
+        return False
 
     def answer(self, request: Request, reply: Callable[[Response], None]) -> None:
         """Call `reply` once with the response. A route may reply before it ends (an

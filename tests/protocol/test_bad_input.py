@@ -417,13 +417,13 @@ def test_pipelined_requests_on_one_connection_are_all_answered(ws: Workspace) ->
 def test_pipelined_requests_for_workers_then_the_end_of_stream_are_all_answered(
     ws: Workspace,
 ) -> None:
-    """Requests that go to workers (Create, List), pipelined, then a half-close: the
+    """Requests that go to workers (Create, Remove), pipelined, then a half-close: the
     end of the stream may be read while a worker answers; every request is answered
     before the connection ends (the loop listens on while a worker has the connection).
     Repeated: the end of the stream is read at a different moment each time."""
     data = pipelined(
         ("/VolumeDriver.Create", b"{}"),
-        ("/VolumeDriver.List", b""),
+        ("/VolumeDriver.Remove", b'{"Name": "absent"}'),
         ("/VolumeDriver.Create", b"{}"),
         ("/Plugin.Activate", b""),
     )
@@ -439,7 +439,7 @@ def test_clients_gone_while_workers_answer_them_leave_the_daemon_serving(
     that cannot be sent hands its connection back closed, while the loop may still hold
     an event of that socket from the same wait. The hang-ups come at a different moment
     of the work each round."""
-    data = http_request("/VolumeDriver.List", b"") * 3000
+    data = http_request("/VolumeDriver.Remove", b'{"Name": "absent"}') * 3000
     for round_ in range(20):
         sockets = []
         for _ in range(10):

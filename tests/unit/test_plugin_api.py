@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from docker_on_top.driver import Driver
+from docker_on_top.driver import _STAT_EACH_UP_TO, Driver
 from docker_on_top.plugin_api import CONTENT_TYPE, PluginAPI
 from docker_on_top.wire import Request, Response
 
@@ -103,3 +103,19 @@ def test_an_undelivered_mount_is_undone_and_nothing_else(
     api.undelivered(unmount, answer(api, unmount))
     assert list((root / "v" / "activemounts").iterdir()) == []
     assert mounts_under(root) == []
+
+
+def test_a_list_of_a_few_volumes_is_answered_on_the_loop_and_of_many_on_a_worker(
+    api: PluginAPI, driver: Driver, base: Path
+) -> None:
+    listing = Request("POST", "/VolumeDriver.List", b"", True)
+    for blocking in ("Create", "Remove", "Mount", "Unmount"):
+        assert api.may_block(Request("POST", f"/VolumeDriver.{blocking}", b"{}", True))
+    assert not api.may_block(Request("POST", "/VolumeDriver.Get", b"{}", True))
+    for count in range(1, _STAT_EACH_UP_TO + 1):
+        call(api, "/VolumeDriver.Create", {"Name": f"v{count}", "Opts": {"base": str(base)}})
+    assert not api.may_block(listing)
+    call(api, "/VolumeDriver.Create", {"Name": "one-more", "Opts": {"base": str(base)}})
+    assert api.may_block(listing)  # the mount table then, which may be long
+    document_ = document(call(api, "/VolumeDriver.List"))
+    assert isinstance(document_, dict) and len(document_["Volumes"]) == _STAT_EACH_UP_TO + 1
