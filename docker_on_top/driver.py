@@ -92,7 +92,7 @@ class Driver:
             listed = (self._listed(volume, mounted=_mounted(volume)) for volume in volumes)
         else:
             mounted = kernel.mount_points()
-            real_root = os.path.realpath(self.store.root)
+            real_root = self.store.real_root
             listed = (
                 self._listed(volume, mounted=f"{real_root}/{volume.name}/mountpoint" in mounted)
                 for volume in volumes

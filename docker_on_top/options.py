@@ -11,7 +11,6 @@ import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import kernel, sizelimit
 from .errors import UserError
@@ -103,16 +102,21 @@ def checked_base(store: VolumeStore, base: str | None, option: str = "base") -> 
         raise UserError(f"the specified base directory is inaccessible: {error}") from None
     if not is_directory:
         raise UserError(f"the base {base} is not a directory")
-    real_base = Path(os.path.realpath(on_host))
-    real_root = Path(os.path.realpath(store.root))
-    if real_base == real_root or real_root in real_base.parents:
+    real_base, real_root = os.path.realpath(on_host), store.real_root
+    if _within(real_base, real_root):
         raise UserError("the base directory must not be inside the plugin's state root")
-    if real_base in real_root.parents:
+    if _within(real_root, real_base):
         raise UserError(
             f"the base directory contains the plugin's state root {store.root}, "
             "and overlayfs refuses layers inside one another"
         )
     return base
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it; both absolute, without symlinks, `..` or a
+    trailing slash (as realpath makes them)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def parse_size_option(value: str) -> int:

@@ -105,6 +105,15 @@ class VolumeStore:
         # Set while start-up recovery has volumes left: each volume is recovered before
         # its first use (see recovery.py); None once all are.
         self.recovery: PendingRecovery | None = None
+        self._real_root: str | None = None
+
+    @property
+    def real_root(self) -> str:
+        """The root with its symlinks resolved, looked up once: a daemon holds its root
+        (a private mount, flocked) while it runs, and a command runs for moments."""
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        return self._real_root
 
     def volume(self, name: object) -> Volume:
         """The volume called `name`, which need not exist; UserError for a bad name."""

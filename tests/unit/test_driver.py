@@ -130,6 +130,21 @@ def test_create_refuses_a_base_that_holds_the_state_root(driver: Driver, workspa
         driver.create("v", {"base": str(workspace)})
 
 
+def test_create_tells_the_state_root_from_its_neighbours_and_sees_through_links(
+    driver: Driver, workspace: Path
+) -> None:
+    root = driver.store.root
+    neighbour = root.with_name(root.name + "2")  # the root's path is a prefix of its own
+    neighbour.mkdir()
+    driver.create("beside", {"base": str(neighbour)})
+    (root / "inside").mkdir()
+    (workspace / "link").symlink_to(root / "inside")
+    with pytest.raises(UserError, match="inside the plugin's state root"):
+        driver.create("linked", {"base": str(workspace / "link")})
+    with pytest.raises(UserError, match="contains the plugin's state root"):
+        driver.create("everything", {"base": "/"})
+
+
 @pytest.mark.parametrize(
     ("word", "volatile"),
     [("true", True), ("YES", True), ("False", False), ("no", False)],
