@@ -22,7 +22,7 @@ from typing import BinaryIO
 from . import changes, kernel, overlay, sizelimit
 from .errors import InternalError, PluginError, UserError
 from .metadata import Metadata, Snapshot
-from .options import parse_size_option
+from .options import parse_size_option, within
 from .releases import PendingReleases, usage_count
 from .store import VolumeStore, parse_reference
 from .upper import VIEW_PREFIX, empty_own_changes, own_changes, settle
@@ -308,17 +308,16 @@ class VolumeCommands:
 
     def _volumes_sharing(self, base: Path, *, besides: str) -> list[Volume]:
         """The other volumes whose base is `base`, inside it or around it."""
-        real = Path(os.path.realpath(base))
+        real = os.path.realpath(base)
         sharing = []
         for other in self.store.volumes():
             if other.name == besides:
                 continue
             try:
-                theirs = self.store.on_host(self.store.metadata(other).base_dir)
+                theirs = os.path.realpath(self.store.on_host(self.store.metadata(other).base_dir))
             except PluginError:
                 continue  # no metadata: it mounts nothing
-            theirs = Path(os.path.realpath(theirs))
-            if theirs == real or real in theirs.parents or theirs in real.parents:
+            if within(theirs, real) or within(real, theirs):
                 sharing.append(other)
         return sharing
 

@@ -57,12 +57,8 @@ class Driver:
         return self.store.recovery is not None
 
     def few_volumes(self) -> bool:
-        """Whether List is a stat or two per volume (see list_volumes): the root holds at
-        most _STAT_EACH_UP_TO folders, by its link count, one stat."""
-        try:
-            return os.stat(self.store.root).st_nlink - 2 <= _STAT_EACH_UP_TO
-        except OSError:
-            return False
+        """Whether List is a stat or two per volume (see list_volumes)."""
+        return self.store.holds_at_most(_STAT_EACH_UP_TO)
 
     def create(self, name: str, options: Mapping[str, str]) -> None:
         volume = self.store.volume(name)

@@ -103,9 +103,9 @@ def checked_base(store: VolumeStore, base: str | None, option: str = "base") -> 
     if not is_directory:
         raise UserError(f"the base {base} is not a directory")
     real_base, real_root = os.path.realpath(on_host), store.real_root
-    if _within(real_base, real_root):
+    if within(real_base, real_root):
         raise UserError("the base directory must not be inside the plugin's state root")
-    if _within(real_root, real_base):
+    if within(real_root, real_base):
         raise UserError(
             f"the base directory contains the plugin's state root {store.root}, "
             "and overlayfs refuses layers inside one another"
@@ -113,7 +113,7 @@ def checked_base(store: VolumeStore, base: str | None, option: str = "base") -> 
     return base
 
 
-def _within(path: str, folder: str) -> bool:
+def within(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or below it; both absolute, without symlinks, `..` or a
     trailing slash (as realpath makes them)."""
     return path == folder or path.startswith(folder.rstrip("/") + "/")

@@ -115,6 +115,14 @@ class VolumeStore:
             self._real_root = os.path.realpath(self.root)
         return self._real_root
 
+    def holds_at_most(self, folders: int) -> bool:
+        """Whether the root holds at most `folders` folders (volumes and hidden ones), by
+        its link count: one stat, no listing. False when it cannot be looked at."""
+        try:
+            return os.stat(self.root).st_nlink - 2 <= folders
+        except OSError:
+            return False
+
     def volume(self, name: object) -> Volume:
         """The volume called `name`, which need not exist; UserError for a bad name."""
         if not isinstance(name, str) or not name:

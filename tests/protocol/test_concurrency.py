@@ -156,7 +156,9 @@ def test_mounts_blocked_on_one_volume_hold_up_no_other_volume(
 ) -> None:
     """Issue 13, item 2: many Mounts wait on one volume's lock (another process holds it
     the whole time); the daemon still reads every request and answers a Get of another
-    volume (dockerd forgets a volume whose Get fails)."""
+    volume (dockerd forgets a volume whose Get fails), and a List of this root of two
+    volumes, which the loop answers too: with 140 Mounts waiting, every worker is taken
+    for 4 s at a time."""
     client.create("busy", ws.base)
     client.create("other", ws.base)
     volume = ws.volume("busy")
@@ -180,6 +182,7 @@ def test_mounts_blocked_on_one_volume_hold_up_no_other_volume(
             other = PluginClient(ws.socket, timeout=5.0)
             reply = other.ok("/VolumeDriver.Get", {"Name": "other"})
             assert reply["Volume"]["Name"] == "other", reply  # type: ignore[index]
+            assert other.names() == ["busy", "other"]
         replies = [read_reply(sock) for sock in waiting]
     finally:
         for sock in waiting:
